@@ -1,0 +1,273 @@
+//! Layered configuration: embedded defaults → `config/{MCP_WORKER_ENV}.toml` → `MCP_WORKER_…` env.
+//!
+//! [`Settings::load`] merges the layers with figment and calls [`Settings::validate`] once, so the
+//! rest of the program can trust every value. Every key is documented in `config/default.toml`,
+//! which is compiled into the binary as the bottom layer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::provider::Provider;
+use crate::secret::Secret;
+
+/// The defaults, compiled in so that a binary without its source tree still starts.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "MCP_WORKER_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} was named by MCP_WORKER_ENV but does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub telemetry: TelemetrySettings,
+    pub amqp: AmqpSettings,
+    pub mongodb: MongoSettings,
+    pub worker: WorkerSettings,
+    pub mcp: McpSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: Secret<String>,
+    pub jobs_queue: String,
+    pub dead_letter_queue: String,
+    pub prefetch: u16,
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSettings {
+    pub uri: Secret<String>,
+    pub database: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub max_job_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSettings {
+    pub call_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub servers: BTreeMap<String, McpServerSettings>,
+}
+
+impl McpSettings {
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerSettings {
+    pub url: String,
+    pub tool_prefix: Option<String>,
+    pub tools: Option<Vec<String>>,
+    pub auth: Option<AuthSettings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub provider: Provider,
+    #[serde(default = "default_auth_header")]
+    pub header: String,
+    #[serde(default = "default_auth_value")]
+    pub value: String,
+}
+
+fn default_auth_header() -> String {
+    "X-Qlik-Access-Token".to_owned()
+}
+
+fn default_auth_value() -> String {
+    "{token}".to_owned()
+}
+
+impl Settings {
+    /// Merges the three layers and validates the result. `env` is the value of `MCP_WORKER_ENV`;
+    /// `config_dir` is where its file lives (the `config/` folder of the working directory).
+    pub fn load(env: Option<&str>, config_dir: &Path) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(env) = env.filter(|e| !e.is_empty()) {
+            let path = config_dir.join(format!("{env}.toml"));
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        Self::from_figment(figment.merge(environment()))
+    }
+
+    /// Extracts and validates settings from an already assembled figment (tests build their own).
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The checks serde cannot express. Cross-server routing rules are checked when the
+    /// registry is built from these settings, see [`crate::registry::Registry::from_settings`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.telemetry.filter.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(invalid("telemetry.filter", "is not a valid tracing filter"));
+        }
+        for (key, name) in [
+            ("amqp.jobs_queue", &self.amqp.jobs_queue),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("mongodb.database", &self.mongodb.database),
+        ] {
+            if name.is_empty() || name.len() > 255 {
+                return Err(invalid(key, "must be 1 to 255 characters long"));
+            }
+        }
+        if self.amqp.jobs_queue == self.amqp.dead_letter_queue {
+            return Err(invalid("amqp.dead_letter_queue", "must differ from amqp.jobs_queue"));
+        }
+        if !self.amqp.url.expose().starts_with("amqp://") && !self.amqp.url.expose().starts_with("amqps://") {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if !self.mongodb.uri.expose().starts_with("mongodb://")
+            && !self.mongodb.uri.expose().starts_with("mongodb+srv://")
+        {
+            return Err(invalid("mongodb.uri", "must start with mongodb:// or mongodb+srv://"));
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        if self.amqp.delivery_limit == 0 {
+            return Err(invalid("amqp.delivery_limit", "must be at least 1"));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if self.worker.max_job_bytes < 256 {
+            return Err(invalid("worker.max_job_bytes", "must be at least 256"));
+        }
+        if self.mcp.call_timeout_ms == 0 {
+            return Err(invalid("mcp.call_timeout_ms", "must be at least 1"));
+        }
+        if self.mcp.connect_timeout_ms == 0 {
+            return Err(invalid("mcp.connect_timeout_ms", "must be at least 1"));
+        }
+        // Building the registry checks URLs, tool selectors, auth headers and overlaps.
+        crate::registry::Registry::from_settings(&self.mcp).map(drop)
+    }
+}
+
+/// `MCP_WORKER_<SECTION>__<KEY>` variables. Only names with a `__` are configuration keys; that
+/// leaves `MCP_WORKER_ENV` and the service scripts' own `MCP_WORKER_SERVICES_*` variables alone.
+fn environment() -> Env {
+    Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn with(key: &str, value: impl serde::Serialize) -> Result<Settings, ConfigError> {
+        Settings::from_figment(
+            Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(key, value)),
+        )
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let settings = Settings::from_figment(Figment::from(Toml::string(DEFAULT_TOML))).unwrap();
+        assert_eq!(settings.amqp.jobs_queue, "mcp.tool_calls");
+        let qlik = &settings.mcp.servers["qlik"];
+        assert_eq!(qlik.auth.as_ref().unwrap().header, "X-Qlik-Access-Token");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = with("amqp.prefetch", 0).unwrap_err().to_string();
+        assert!(err.contains("amqp.prefetch"), "{err}");
+        let err = with("amqp.prefetch", "many").unwrap_err().to_string();
+        assert!(err.contains("prefetch"), "{err}");
+        let err = with("worker.nonsense", 1).unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+        let err = with("mcp.servers.qlik.url", "ftp://x").unwrap_err().to_string();
+        assert!(err.contains("mcp.servers.qlik.url"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_ignores_unrelated_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MCP_WORKER_AMQP__PREFETCH", "7");
+            jail.set_env("MCP_WORKER_MCP__SERVERS__QLIK__URL", "http://127.0.0.1:9/mcp");
+            jail.set_env("MCP_WORKER_ENV", "");
+            jail.set_env("MCP_WORKER_SERVICES_AMQP_PORT", "5673");
+            let settings = Settings::load(None, Path::new("config")).unwrap();
+            assert_eq!(settings.amqp.prefetch, 7);
+            assert_eq!(settings.mcp.servers["qlik"].url, "http://127.0.0.1:9/mcp");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_environment_file_must_exist_and_is_layered_over_defaults() {
+        figment::Jail::expect_with(|jail| {
+            let err = Settings::load(Some("staging"), Path::new("config")).unwrap_err();
+            assert!(err.to_string().contains("staging.toml"), "{err}");
+            jail.create_dir("config")?;
+            jail.create_file("config/staging.toml", "[worker]\nconcurrency = 3\n")?;
+            let settings = Settings::load(Some("staging"), Path::new("config")).unwrap();
+            assert_eq!(settings.worker.concurrency, 3);
+            assert_eq!(settings.amqp.prefetch, 64);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let settings = with("amqp.url", "amqp://user:s3cr3t-pw@127.0.0.1:5672/%2f").unwrap();
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("s3cr3t-pw"), "{printed}");
+    }
+}

@@ -1,0 +1,269 @@
+//! Wire format v1 of the jobs this worker consumes and the replies it publishes.
+//!
+//! The chat backend depends on these shapes; docs/CONTRACT.md is their prose form and later
+//! versions may add fields, never remove or re-type one. Decoding is strict about what the worker
+//! needs (each problem names its field) and lenient about fields it does not know, so a newer
+//! backend can talk to an older worker.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::provider::Provider;
+
+/// Longest `job_id`, `user_id` or `tool` accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A decoded, validated job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub job_id: String,
+    pub user_id: String,
+    pub tool: String,
+    pub arguments: Map<String, Value>,
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// The job as it arrives on the wire.
+#[derive(Deserialize)]
+struct JobV1 {
+    job_id: String,
+    user_id: String,
+    tool: String,
+    #[serde(default)]
+    arguments: Option<Map<String, Value>>,
+    #[serde(default)]
+    deadline: Option<DateTime<Utc>>,
+}
+
+/// Why a message is not a valid job, with whatever job id could still be read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidJob {
+    pub job_id: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// Decodes a job body. Never panics; every error message names the offending field.
+pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, InvalidJob> {
+    if body.len() > max_bytes {
+        return Err(InvalidJob {
+            job_id: None,
+            reason: format!("job is {} bytes, more than the limit of {max_bytes}", body.len()),
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|e| InvalidJob {
+        job_id: None,
+        reason: format!("job is not valid UTF-8 (at byte {})", e.valid_up_to()),
+    })?;
+    let deserializer = &mut serde_json::Deserializer::from_str(text);
+    let wire: JobV1 = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = if path == "." {
+            format!("job is not a valid JSON object: {}", e.inner())
+        } else {
+            format!("field `{path}`: {}", e.inner())
+        };
+        InvalidJob { job_id: salvage_job_id(text), reason }
+    })?;
+    let job_id = Some(wire.job_id.clone());
+    let fail = |reason: String| InvalidJob { job_id: job_id.clone(), reason };
+    for (field, value) in [("job_id", &wire.job_id), ("user_id", &wire.user_id), ("tool", &wire.tool)] {
+        if value.trim().is_empty() {
+            return Err(fail(format!("field `{field}` must not be empty")));
+        }
+        if value.len() > MAX_ID_LEN {
+            return Err(fail(format!("field `{field}` is longer than {MAX_ID_LEN} bytes")));
+        }
+    }
+    Ok(Job {
+        job_id: wire.job_id,
+        user_id: wire.user_id,
+        tool: wire.tool,
+        arguments: wire.arguments.unwrap_or_default(),
+        deadline: wire.deadline,
+    })
+}
+
+/// Reads `job_id` from a body that failed to decode as a whole, so the error reply can still name
+/// the job. Only a short, non-empty string counts.
+fn salvage_job_id(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        job_id: String,
+    }
+    serde_json::from_str::<IdOnly>(text)
+        .ok()
+        .map(|x| x.job_id)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN)
+}
+
+/// Error codes of a reply. See docs/CONTRACT.md for what each means to the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJob,
+    UnknownTool,
+    NotConnected,
+    McpUnavailable,
+    McpProtocolError,
+    DeadlineExceeded,
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether sending the same job again may succeed without anyone changing anything.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorCode::McpUnavailable | ErrorCode::Internal)
+    }
+}
+
+/// A reply, v1. Serialized once and published to the job's `reply_to`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Reply {
+    Ok {
+        job_id: Option<String>,
+        /// The MCP `CallToolResult`, including tool failures (`isError: true`).
+        result: Value,
+    },
+    Error {
+        job_id: Option<String>,
+        error: ReplyError,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplyError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retryable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
+}
+
+impl Reply {
+    pub fn ok(job_id: &str, result: Value) -> Self {
+        Reply::Ok { job_id: Some(job_id.to_owned()), result }
+    }
+
+    pub fn error(job_id: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Reply::Error {
+            job_id: job_id.map(str::to_owned),
+            error: ReplyError { code, message: message.into(), retryable: code.retryable(), provider: None },
+        }
+    }
+
+    /// Marks the error as concerning a provider (for example, the user has not connected Qlik).
+    pub fn with_provider(mut self, provider: Provider) -> Self {
+        if let Reply::Error { error, .. } = &mut self {
+            error.provider = Some(provider);
+        }
+        self
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // A Reply holds only strings, bools and serde_json values, which always serialize.
+        serde_json::to_vec(self).expect("a reply always serializes")
+    }
+
+    /// A short label for logs and metrics: `ok` or the error code.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Reply::Ok { .. } => "ok",
+            Reply::Error { error, .. } => error.code.as_str(),
+        }
+    }
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJob => "invalid_job",
+            ErrorCode::UnknownTool => "unknown_tool",
+            ErrorCode::NotConnected => "not_connected",
+            ErrorCode::McpUnavailable => "mcp_unavailable",
+            ErrorCode::McpProtocolError => "mcp_protocol_error",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const MAX: usize = 1 << 20;
+
+    fn reason(body: &str) -> String {
+        decode(body.as_bytes(), MAX).unwrap_err().reason
+    }
+
+    #[test]
+    fn decodes_a_full_job() {
+        let job = decode(
+            br#"{"job_id":"j1","user_id":"u1","tool":"qlik_list_apps","arguments":{"a":1},"deadline":"2026-11-26T10:00:00Z","extra":true}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(job.job_id, "j1");
+        assert_eq!(job.arguments["a"], 1);
+        assert_eq!(job.deadline.unwrap().to_rfc3339(), "2026-11-26T10:00:00+00:00");
+    }
+
+    #[test]
+    fn arguments_and_deadline_are_optional() {
+        let job = decode(br#"{"job_id":"j","user_id":"u","tool":"t","arguments":null}"#, MAX).unwrap();
+        assert!(job.arguments.is_empty());
+        assert_eq!(job.deadline, None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(reason(r#"{"job_id":"j","tool":"t"}"#).contains("user_id"));
+        assert!(reason(r#"{"job_id":"j","user_id":5,"tool":"t"}"#).starts_with("field `user_id`"));
+        assert!(reason(r#"{"job_id":"j","user_id":"u","tool":"t","arguments":[1]}"#).starts_with("field `arguments`"));
+        assert!(reason(r#"{"job_id":"j","user_id":"u","tool":"t","deadline":"soon"}"#).starts_with("field `deadline`"));
+        assert!(reason(r#"{"job_id":"j","user_id":" ","tool":"t"}"#).contains("`user_id` must not be empty"));
+        assert!(reason("not json").contains("not a valid JSON"));
+        assert!(reason("[]").contains("not a valid JSON"));
+    }
+
+    #[test]
+    fn the_job_id_is_salvaged_when_another_field_is_wrong() {
+        let err = decode(br#"{"job_id":"j9","user_id":1}"#, MAX).unwrap_err();
+        assert_eq!(err.job_id.as_deref(), Some("j9"));
+        assert_eq!(decode(b"{", MAX).unwrap_err().job_id, None);
+    }
+
+    #[test]
+    fn rejects_oversized_and_non_utf8_bodies() {
+        assert!(decode(&[b' '; 300], 256).unwrap_err().reason.contains("limit of 256"));
+        assert!(decode(b"{\"job_id\":\"\xff\"}", MAX).unwrap_err().reason.contains("UTF-8"));
+    }
+
+    #[test]
+    fn replies_have_the_v1_shape() {
+        let ok = serde_json::to_value(Reply::ok("j", json!({"content": []}))).unwrap();
+        assert_eq!(ok, json!({"status": "ok", "job_id": "j", "result": {"content": []}}));
+        let err = Reply::error(Some("j"), ErrorCode::NotConnected, "connect Qlik first").with_provider(Provider::Qlik);
+        assert_eq!(
+            serde_json::to_value(err).unwrap(),
+            json!({"status": "error", "job_id": "j", "error": {
+                "code": "not_connected", "message": "connect Qlik first", "retryable": false, "provider": "qlik"}})
+        );
+        let unknown = serde_json::to_value(Reply::error(None, ErrorCode::McpUnavailable, "down")).unwrap();
+        assert_eq!(unknown["job_id"], Value::Null);
+        assert_eq!(unknown["error"]["retryable"], true);
+        assert!(unknown["error"].get("provider").is_none());
+    }
+}

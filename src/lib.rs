@@ -1,0 +1,19 @@
+//! mcp-worker runs MCP tool calls on behalf of chat users.
+//!
+//! Jobs arrive on RabbitMQ ([`queue`]); for each, the worker ([`worker`]) routes the tool to an
+//! MCP server ([`registry`]), reads the user's OAuth token from MongoDB ([`store`]) when that
+//! server needs one, calls the tool over Streamable HTTP with the token in a header ([`mcp`]), and
+//! publishes the reply ([`job`] holds the wire format). [`app`] wires the parts together;
+//! docs/ARCHITECTURE.md has the map.
+
+pub mod app;
+pub mod config;
+pub mod job;
+pub mod mcp;
+pub mod provider;
+pub mod queue;
+pub mod registry;
+pub mod secret;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

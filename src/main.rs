@@ -1,0 +1,160 @@
+//! The `mcp-worker` binary: parse the command line, load config, start logging, run.
+
+use std::io::Read as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use mcp_worker::app::{self, App};
+use mcp_worker::config::Settings;
+use mcp_worker::provider::Provider;
+use mcp_worker::queue::Broker;
+use mcp_worker::secret::Secret;
+use mcp_worker::store::{NewTokens, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Runs MCP tool calls from RabbitMQ jobs, with each user's OAuth token from MongoDB.
+///
+/// Configuration: embedded defaults, then config/$MCP_WORKER_ENV.toml, then MCP_WORKER_* variables
+/// (see config/default.toml for every key).
+#[derive(Parser)]
+#[command(name = "mcp-worker", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume tool-call jobs until SIGTERM or Ctrl-C.
+    Run,
+    /// Apply the database migrations (indexes); safe to repeat.
+    Migrate,
+    /// Publish one tool-call job, wait for its reply and print it. Exit code: 0 for an ok reply,
+    /// 3 for an error reply, 1 when no reply came.
+    Call {
+        /// The user whose token the call uses.
+        #[arg(long)]
+        user: String,
+        /// The tool to call, e.g. qlik_list_apps.
+        #[arg(long)]
+        tool: String,
+        /// The tool's arguments, a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Manage stored tokens.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Store a user's tokens obtained elsewhere (a demo, or a move from another token store).
+    /// Reads {"access_token": "...", "refresh_token": "..."} from stdin, so tokens stay out of the
+    /// process list and shell history.
+    Import {
+        #[arg(long)]
+        user: String,
+        /// Seconds until the access token expires (Qlik's tokens live 21600).
+        #[arg(long, default_value_t = 21_600)]
+        expires_in: i64,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct ImportedTokens {
+    access_token: Secret<String>,
+    refresh_token: Secret<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = std::env::var("MCP_WORKER_ENV").ok();
+    let settings = match Settings::load(env.as_deref(), Path::new("config")) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("mcp-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    mcp_worker::telemetry::init(&settings.telemetry);
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    match runtime.block_on(execute(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("mcp-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run => {
+            let app = App::build(&settings).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            app.run(shutdown).await?;
+        }
+        Command::Migrate => {
+            for (id, status) in app::migrate(&settings).await? {
+                println!("{id}: {status:?}");
+            }
+        }
+        Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,
+        Command::Tokens(TokensCommand::Import { user, expires_in }) => {
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input)?;
+            let imported: ImportedTokens = serde_json::from_str(&input)
+                .context("stdin must hold {\"access_token\": \"...\", \"refresh_token\": \"...\"}")?;
+            let now = Utc::now();
+            let tokens = NewTokens {
+                access_token: imported.access_token,
+                refresh_token: imported.refresh_token,
+                expires_at: now + chrono::Duration::seconds(expires_in),
+            };
+            let store = Store::connect(&settings.mongodb).await?;
+            store.tokens(Provider::Qlik).save(&user, &tokens, now).await?;
+            eprintln!("stored tokens for user {user}, expiring at {}", tokens.expires_at.to_rfc3339());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn call(settings: &Settings, user: String, tool: String, args: &str, wait: u64) -> anyhow::Result<ExitCode> {
+    let arguments: serde_json::Value = serde_json::from_str(args).context("--args must be a JSON object")?;
+    if !arguments.is_object() {
+        bail!("--args must be a JSON object");
+    }
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let job = serde_json::json!({ "job_id": job_id, "user_id": user, "tool": tool, "arguments": arguments });
+    let broker = Broker::connect(&settings.amqp.url, "mcp-worker call").await?;
+    let reply = broker
+        .request(&settings.amqp.jobs_queue, &job_id, &serde_json::to_vec(&job)?, Duration::from_secs(wait))
+        .await?;
+    broker.close().await;
+    let Some(reply) = reply else { bail!("no reply within {wait} s; is a worker running?") };
+    let reply: serde_json::Value = serde_json::from_slice(&reply).context("the reply is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(if reply["status"] == "ok" { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+/// Fires `shutdown` on SIGTERM (how container runtimes stop a process) or Ctrl-C.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler works on unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutdown requested; finishing jobs in flight");
+    shutdown.cancel();
+}

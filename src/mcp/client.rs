@@ -1,0 +1,191 @@
+//! One MCP server's long-lived client, and what its failures mean.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation, ProtocolVersion,
+    ServerResult,
+};
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt, PeerRequestOptions, RunningService, ServiceError};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfig, StreamableHttpError};
+use rmcp::RoleClient;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+use super::credential::CredentialClient;
+use crate::registry::CredentialHeader;
+
+/// Why a tool call got no result. The worker decides what each means for the job.
+#[derive(Debug, thiserror::Error)]
+pub enum McpCallError {
+    /// Could not reach the server, or it answered 5xx/429: trying again later may work.
+    #[error("MCP server `{server}` is unavailable: {detail}")]
+    Unavailable { server: String, detail: String },
+    /// No complete answer within the time allowed.
+    #[error("MCP server `{server}` did not answer within {after:?}")]
+    Timeout { server: String, after: Duration },
+    /// The server answered the call with a JSON-RPC error.
+    #[error("MCP server `{server}` answered with JSON-RPC error {code}: {message}")]
+    Rpc { server: String, code: i32, message: String },
+    /// The server refused the credential (HTTP 401 or 403).
+    #[error("MCP server `{server}` refused the request's credential")]
+    Unauthorized { server: String },
+    /// The server's answer was not valid MCP.
+    #[error("MCP server `{server}` answered with something that is not valid MCP: {detail}")]
+    Protocol { server: String, detail: String },
+}
+
+type Session = RunningService<RoleClient, ClientConfig>;
+
+pub struct McpClient {
+    server: String,
+    url: String,
+    http: reqwest::Client,
+    max_concurrent_calls: usize,
+    connect_timeout: Duration,
+    /// The live session, created on first use and replaced when its transport closes.
+    session: Mutex<Option<Arc<Session>>>,
+}
+
+impl McpClient {
+    pub(super) fn new(
+        server: &str,
+        url: &str,
+        http: reqwest::Client,
+        connect_timeout: Duration,
+        max_concurrent_calls: usize,
+    ) -> Self {
+        Self {
+            server: server.to_owned(),
+            url: url.to_owned(),
+            http,
+            max_concurrent_calls,
+            connect_timeout,
+            session: Mutex::new(None),
+        }
+    }
+
+    /// Calls `tool` and returns its `CallToolResult` as JSON, tool failures (`isError: true`)
+    /// included. Everything, connecting included, happens within `timeout`.
+    #[tracing::instrument(skip_all, fields(server = %self.server, tool = %tool))]
+    pub async fn call_tool(
+        &self,
+        tool: &str,
+        arguments: Map<String, Value>,
+        credential: Option<CredentialHeader>,
+        timeout: Duration,
+    ) -> Result<Value, McpCallError> {
+        let call = async {
+            let session = self.session().await?;
+            let mut request = CallToolRequest::new(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments));
+            if let Some(credential) = credential {
+                request.extensions.insert(credential);
+            }
+            let options = PeerRequestOptions::no_options();
+            let outcome = match session.peer().send_request_with_option(ClientRequest::CallToolRequest(request), options).await {
+                Ok(handle) => handle.await_response().await,
+                Err(e) => Err(e),
+            };
+            if matches!(outcome, Err(ServiceError::TransportClosed)) || session.is_transport_closed() {
+                self.forget(&session).await;
+            }
+            outcome.map_err(|e| self.classify(e))
+        };
+        let result = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| McpCallError::Timeout { server: self.server.clone(), after: timeout })??;
+        match result {
+            ServerResult::CallToolResult(result) => serde_json::to_value(result)
+                .map_err(|e| McpCallError::Protocol { server: self.server.clone(), detail: e.to_string() }),
+            other => Err(McpCallError::Protocol {
+                server: self.server.clone(),
+                detail: format!("tools/call answered with an unsupported result kind ({})", result_kind(&other)),
+            }),
+        }
+    }
+
+    /// The live session, connecting first if there is none. Concurrent callers wait for one
+    /// connection attempt rather than each starting their own.
+    async fn session(&self) -> Result<Arc<Session>, McpCallError> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = slot.as_ref().filter(|s| !s.is_transport_closed()) {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(self.connect().await?);
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn forget(&self, session: &Arc<Session>) {
+        let mut slot = self.session.lock().await;
+        if slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, session)) {
+            *slot = None;
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(server = %self.server))]
+    async fn connect(&self) -> Result<Session, McpCallError> {
+        let config = StreamableHttpClientTransportConfig::with_uri(self.url.as_str())
+            .max_concurrent_requests(self.max_concurrent_calls);
+        let transport = StreamableHttpClientTransport::with_client(CredentialClient { http: self.http.clone() }, config);
+        let info = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("mcp-worker", env!("CARGO_PKG_VERSION")),
+        );
+        let lifecycle = ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::LATEST],
+            legacy_version: None,
+        };
+        let unavailable = |detail: String| McpCallError::Unavailable { server: self.server.clone(), detail };
+        let session = tokio::time::timeout(self.connect_timeout, info.serve_with_lifecycle(transport, lifecycle))
+            .await
+            .map_err(|_| unavailable(format!("no answer to the handshake within {:?}", self.connect_timeout)))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        tracing::info!(url = %self.url, "connected to MCP server");
+        Ok(session)
+    }
+
+    fn classify(&self, error: ServiceError) -> McpCallError {
+        let server = self.server.clone();
+        match error {
+            ServiceError::McpError(e) => McpCallError::Rpc { server, code: e.code.0, message: e.message.into_owned() },
+            ServiceError::Timeout { timeout } => McpCallError::Timeout { server, after: timeout },
+            ServiceError::TransportClosed => McpCallError::Unavailable { server, detail: "the connection closed".into() },
+            ServiceError::TransportSend(e) => {
+                match e.error.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+                    Some(http) => classify_http(server, http),
+                    None => McpCallError::Unavailable { server, detail: e.error.to_string() },
+                }
+            }
+            other => McpCallError::Protocol { server, detail: other.to_string() },
+        }
+    }
+}
+
+/// What a failed HTTP exchange means: reaching the server again may help, or it will not.
+fn classify_http(server: String, error: &StreamableHttpError<reqwest::Error>) -> McpCallError {
+    match error {
+        StreamableHttpError::Client(_)
+        | StreamableHttpError::Io(_)
+        | StreamableHttpError::HttpStatus(_)
+        | StreamableHttpError::UnexpectedEndOfStream
+        | StreamableHttpError::TransportChannelClosed
+        | StreamableHttpError::SessionExpired
+        | StreamableHttpError::SessionRecoveryTimeout
+        | StreamableHttpError::TokioJoinError(_) => McpCallError::Unavailable { server, detail: error.to_string() },
+        StreamableHttpError::AuthRequired(_) | StreamableHttpError::InsufficientScope(_) => {
+            McpCallError::Unauthorized { server }
+        }
+        _ => McpCallError::Protocol { server, detail: error.to_string() },
+    }
+}
+
+fn result_kind(result: &ServerResult) -> &'static str {
+    match result {
+        ServerResult::InputRequiredResult(_) => "input required",
+        ServerResult::CreateTaskResult(_) => "task created",
+        _ => "not a CallToolResult",
+    }
+}

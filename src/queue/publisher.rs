@@ -1,0 +1,69 @@
+//! Publishing with publisher confirms: a publish is done when the broker says it has the message.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use super::{Delivery, QueueError};
+
+/// Header naming why the worker dead-lettered a message.
+pub const REASON_HEADER: &str = "x-mcp-worker-reason";
+
+/// Persistent delivery mode: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// What the broker did with a confirmed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Routed to a queue and confirmed.
+    Delivered,
+    /// Confirmed, but no queue has that name (the requester's reply queue is gone).
+    Unroutable,
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub(super) async fn open(connection: &Connection) -> Result<Self, QueueError> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel })
+    }
+
+    /// Publishes a reply to `queue` through the default exchange and waits for the confirm.
+    #[tracing::instrument(skip_all)]
+    pub async fn reply(&self, queue: &str, correlation_id: Option<&str>, body: &[u8]) -> Result<Published, QueueError> {
+        let mut properties =
+            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
+        if let Some(correlation_id) = correlation_id {
+            properties = properties.with_correlation_id(correlation_id.into());
+        }
+        self.publish(queue, body, properties).await
+    }
+
+    /// Publishes a copy of `delivery` to `queue` with the reason in [`REASON_HEADER`], and waits
+    /// for the confirm. The original keeps its properties so it can be inspected or replayed.
+    #[tracing::instrument(skip_all)]
+    pub async fn dead_letter(&self, queue: &str, delivery: &Delivery, reason: &str) -> Result<Published, QueueError> {
+        let original = delivery.properties();
+        let mut headers = original.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
+        self.publish(queue, &delivery.body, properties).await
+    }
+
+    async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<Published, QueueError> {
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        let confirm = self.channel.basic_publish("".into(), queue.into(), options, body, properties).await?.await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(Published::Delivered),
+            Confirmation::Ack(Some(_returned)) => Ok(Published::Unroutable),
+            Confirmation::Nack(_) => Err(QueueError::Nacked),
+            // confirm_select ran when the channel opened, so this would be a lapin bug.
+            Confirmation::NotRequested => Err(QueueError::Channel("publisher confirms are not enabled".into())),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! MongoDB: the only module that imports the `mongodb` crate.
+//!
+//! [`Store`] is one driver client (a connection pool) and one database. It hands out the typed
+//! stores the rest of the program uses ([`TokenStore`]) and runs the migrations; callers never see
+//! a BSON document or a driver error type.
+
+mod migrations;
+mod tokens;
+
+use std::time::Duration;
+
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+
+pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
+pub use tokens::{NewTokens, StoredToken, TokenStore};
+
+use crate::config::MongoSettings;
+use crate::provider::Provider;
+
+/// How long the driver looks for a usable server before an operation fails. Short, so a job
+/// fails fast while the database is away instead of holding a worker slot.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the MongoDB connection string is invalid: {0}")]
+    InvalidUri(String),
+    #[error("MongoDB is unavailable: {0}")]
+    Unavailable(String),
+    #[error("MongoDB rejected the operation: {0}")]
+    Rejected(String),
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(error: mongodb::error::Error) -> Self {
+        // Network, selection and pool errors clear up by themselves; anything else is the
+        // server refusing what we asked, which repeating will not change.
+        use mongodb::error::ErrorKind;
+        let transient_kind = matches!(
+            *error.kind,
+            ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. }
+        );
+        if transient_kind
+            || error.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+            || error.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+        {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Rejected(error.to_string())
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Builds the driver's pool. It does not wait for the server; call [`Store::ping`] for that.
+    pub async fn connect(settings: &MongoSettings) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(settings.uri.expose())
+            .await
+            .map_err(|e| StoreError::InvalidUri(e.kind.to_string()))?;
+        options.app_name = Some("mcp-worker".to_owned());
+        options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
+        let client = Client::with_options(options).map_err(|e| StoreError::InvalidUri(e.kind.to_string()))?;
+        Ok(Self { db: client.database(&settings.database) })
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.run_command(mongodb::bson::doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+
+    pub fn tokens(&self, provider: Provider) -> TokenStore {
+        TokenStore::new(&self.db, provider.token_collection())
+    }
+
+    /// Applies the given migrations in order; see [`migrations`] for the rules.
+    pub async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<(String, MigrationStatus)>, MigrationError> {
+        migrations::apply(&self.db, migrations).await
+    }
+}

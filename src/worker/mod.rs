@@ -1,0 +1,142 @@
+//! The job consumer: takes deliveries off the jobs queue, runs each on its own task (at most
+//! `worker.concurrency` at once), publishes the reply, and acks the job only once the broker has
+//! confirmed that reply.
+//!
+//! The decisions live elsewhere: [`execute`] turns a delivery into a [`execute::Disposition`] and
+//! [`policy`] holds the pure rules. This file is the shell that does the I/O in the right order.
+
+mod execute;
+pub mod policy;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::mcp::McpClients;
+use crate::queue::{Delivery, Jobs, Published, Publisher, QueueError};
+use crate::registry::Registry;
+use crate::store::Store;
+use execute::{Disposition, ReplyTarget};
+
+/// The settings the job path reads, resolved once at start.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+    pub max_job_bytes: usize,
+    pub call_timeout: Duration,
+    pub dead_letter_queue: String,
+}
+
+pub struct Worker {
+    config: WorkerConfig,
+    registry: Arc<Registry>,
+    store: Store,
+    mcp: Arc<McpClients>,
+    publisher: Publisher,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the job consumer stopped: {0}")]
+    ConsumerLost(String),
+}
+
+impl Worker {
+    pub fn new(config: WorkerConfig, registry: Arc<Registry>, store: Store, mcp: Arc<McpClients>, publisher: Publisher) -> Self {
+        Self { config, registry, store, mcp, publisher }
+    }
+
+    /// Consumes until `shutdown` fires, then stops taking jobs and waits for the ones in flight.
+    /// Returns an error if the broker ends the consumer first.
+    pub async fn run(self: Arc<Self>, mut jobs: Jobs, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut in_flight = JoinSet::new();
+        let result = loop {
+            // Hold a slot before taking a delivery, so at most `concurrency` jobs run at once and
+            // the rest wait in the broker (within prefetch) rather than in this process.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                delivery = jobs.next() => delivery,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    let worker = self.clone();
+                    in_flight.spawn(async move {
+                        worker.handle(delivery).await;
+                        drop(slot);
+                    });
+                }
+                Some(Err(e)) => break Err(WorkerError::ConsumerLost(e.to_string())),
+                None => break Err(WorkerError::ConsumerLost("the broker cancelled the consumer".into())),
+            }
+            // Reap finished tasks so the set does not grow with every job ever run.
+            while in_flight.try_join_next().is_some() {}
+        };
+        if let Err(e) = jobs.cancel().await {
+            tracing::debug!(error = %e, "cancelling the consumer failed; the channel is already gone");
+        }
+        // Each job is bounded by its call timeout, so this wait is bounded too.
+        while in_flight.join_next().await.is_some() {}
+        result
+    }
+
+    /// Runs one delivery to its end: reply published and confirmed, then ack. If the reply cannot
+    /// be confirmed the job is requeued, never acked, so it is not lost.
+    #[tracing::instrument(skip_all, fields(job_id, tool))]
+    async fn handle(&self, delivery: Delivery) {
+        let started = Instant::now();
+        let (job, disposition) = self.dispose(&delivery, Utc::now()).await;
+        if let Some(job) = &job {
+            let span = tracing::Span::current();
+            span.record("job_id", job.job_id.as_str());
+            span.record("tool", job.tool.as_str());
+        }
+        let outcome = disposition.reply().outcome();
+        match self.settle(&delivery, &disposition).await {
+            Ok(()) => {
+                let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(outcome, duration_ms, redelivered = delivery.redelivered, "job done");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, outcome, "could not settle the job; requeueing it");
+                if let Err(e) = delivery.requeue().await {
+                    // The channel is gone; the broker requeues every unacked delivery of it.
+                    tracing::warn!(error = %e, "requeue failed");
+                }
+            }
+        }
+    }
+
+    /// Publishes what the disposition asks for, waits for the broker's confirms, then acks.
+    async fn settle(&self, delivery: &Delivery, disposition: &Disposition) -> Result<(), QueueError> {
+        match disposition {
+            Disposition::Reply { to, reply } => self.publish_reply(to, &reply.to_bytes()).await?,
+            Disposition::DeadLetter { reason, to, reply } => {
+                tracing::warn!(reason = %reason, "dead-lettering the message");
+                if let Some(to) = to {
+                    self.publish_reply(to, &reply.to_bytes()).await?;
+                }
+                self.publisher.dead_letter(&self.config.dead_letter_queue, delivery, reason).await?;
+            }
+        }
+        delivery.ack().await
+    }
+
+    async fn publish_reply(&self, to: &ReplyTarget, body: &[u8]) -> Result<(), QueueError> {
+        match self.publisher.reply(&to.queue, to.correlation_id.as_deref(), body).await? {
+            Published::Delivered => {}
+            Published::Unroutable => {
+                tracing::warn!(reply_to = %to.queue, "the reply queue does not exist; the caller is gone");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Pure decisions of the job path, with the clock passed in: how long a call may take, and what a
+//! failed call means for the job. No I/O here, so every rule is unit-tested.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::job::ErrorCode;
+use crate::mcp::McpCallError;
+
+/// How long the MCP call of a job may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBudget {
+    pub timeout: Duration,
+    /// The job's deadline, not the configured call timeout, set the limit: running out of time
+    /// then means the deadline passed.
+    pub limited_by_deadline: bool,
+}
+
+/// The deadline has passed; the job must not reach the MCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlinePassed;
+
+/// The time a call may take: the configured timeout, cut to what is left before the deadline.
+pub fn call_budget(now: DateTime<Utc>, deadline: Option<DateTime<Utc>>, call_timeout: Duration) -> Result<CallBudget, DeadlinePassed> {
+    let Some(deadline) = deadline else {
+        return Ok(CallBudget { timeout: call_timeout, limited_by_deadline: false });
+    };
+    let left = (deadline - now).to_std().map_err(|_| DeadlinePassed)?;
+    if left.is_zero() {
+        return Err(DeadlinePassed);
+    }
+    Ok(if left < call_timeout {
+        CallBudget { timeout: left, limited_by_deadline: true }
+    } else {
+        CallBudget { timeout: call_timeout, limited_by_deadline: false }
+    })
+}
+
+/// The reply's error code for a failed call.
+pub fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
+    match error {
+        McpCallError::Timeout { .. } if budget.limited_by_deadline => ErrorCode::DeadlineExceeded,
+        McpCallError::Timeout { .. } | McpCallError::Unavailable { .. } => ErrorCode::McpUnavailable,
+        McpCallError::Rpc { .. } | McpCallError::Unauthorized { .. } | McpCallError::Protocol { .. } => {
+            ErrorCode::McpProtocolError
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn without_a_deadline_the_call_timeout_applies() {
+        assert_eq!(call_budget(at(0), None, TIMEOUT), Ok(CallBudget { timeout: TIMEOUT, limited_by_deadline: false }));
+    }
+
+    #[test]
+    fn a_near_deadline_shortens_the_call() {
+        let budget = call_budget(at(0), Some(at(5)), TIMEOUT).unwrap();
+        assert_eq!(budget, CallBudget { timeout: Duration::from_secs(5), limited_by_deadline: true });
+        let far = call_budget(at(0), Some(at(500)), TIMEOUT).unwrap();
+        assert_eq!(far, CallBudget { timeout: TIMEOUT, limited_by_deadline: false });
+    }
+
+    #[test]
+    fn a_passed_or_current_deadline_stops_the_job() {
+        assert_eq!(call_budget(at(10), Some(at(5)), TIMEOUT), Err(DeadlinePassed));
+        assert_eq!(call_budget(at(5), Some(at(5)), TIMEOUT), Err(DeadlinePassed));
+    }
+
+    #[test]
+    fn errors_map_to_codes() {
+        let timeout = McpCallError::Timeout { server: "s".into(), after: TIMEOUT };
+        let by_deadline = CallBudget { timeout: TIMEOUT, limited_by_deadline: true };
+        let by_config = CallBudget { timeout: TIMEOUT, limited_by_deadline: false };
+        assert_eq!(error_code(&timeout, by_deadline), ErrorCode::DeadlineExceeded);
+        assert_eq!(error_code(&timeout, by_config), ErrorCode::McpUnavailable);
+        let down = McpCallError::Unavailable { server: "s".into(), detail: "refused".into() };
+        assert_eq!(error_code(&down, by_config), ErrorCode::McpUnavailable);
+        let rpc = McpCallError::Rpc { server: "s".into(), code: -32602, message: "unknown tool".into() };
+        assert_eq!(error_code(&rpc, by_config), ErrorCode::McpProtocolError);
+        assert_eq!(error_code(&McpCallError::Unauthorized { server: "s".into() }, by_config), ErrorCode::McpProtocolError);
+    }
+}
