@@ -132,6 +132,11 @@ impl Settings {
     /// Merges the three layers and validates the result. `env` is the value of `MCP_WORKER_ENV`;
     /// `config_dir` is where its file lives (the `config/` folder of the working directory).
     pub fn load(env: Option<&str>, config_dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_figment(Self::figment(env, config_dir)?)
+    }
+
+    /// The three layers, merged but not yet extracted, so tests can put a layer of their own on top.
+    pub fn figment(env: Option<&str>, config_dir: &Path) -> Result<Figment, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(env) = env.filter(|e| !e.is_empty()) {
             let path = config_dir.join(format!("{env}.toml"));
@@ -140,7 +145,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(path));
         }
-        Self::from_figment(figment.merge(environment()))
+        Ok(figment.merge(environment()))
     }
 
     /// Extracts and validates settings from an already assembled figment (tests build their own).

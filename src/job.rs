@@ -66,10 +66,10 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, InvalidJob> {
     let deserializer = &mut serde_json::Deserializer::from_str(text);
     let wire: JobV1 = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
-        let reason = if path == "." {
-            format!("job is not a valid JSON object: {}", e.inner())
-        } else {
-            format!("field `{path}`: {}", e.inner())
+        let reason = match e.inner().classify() {
+            serde_json::error::Category::Data if path != "." => format!("field `{path}`: {}", e.inner()),
+            serde_json::error::Category::Data => format!("job is not a JSON object: {}", e.inner()),
+            _ => format!("job is not valid JSON: {}", e.inner()),
         };
         InvalidJob { job_id: salvage_job_id(text), reason }
     })?;
@@ -234,8 +234,9 @@ mod tests {
         assert!(reason(r#"{"job_id":"j","user_id":"u","tool":"t","arguments":[1]}"#).starts_with("field `arguments`"));
         assert!(reason(r#"{"job_id":"j","user_id":"u","tool":"t","deadline":"soon"}"#).starts_with("field `deadline`"));
         assert!(reason(r#"{"job_id":"j","user_id":" ","tool":"t"}"#).contains("`user_id` must not be empty"));
-        assert!(reason("not json").contains("not a valid JSON"));
-        assert!(reason("[]").contains("not a valid JSON"));
+        assert!(reason("not json").contains("not valid JSON"));
+        assert!(reason(r#"{"job_id":"j""#).contains("not valid JSON"));
+        assert!(reason("[]").contains("not a JSON object"));
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! The job path's rules: errors before the MCP call, dead-lettering, and ack-after-confirm.
+
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+
+use crate::support::{Flavor, McpServer, declare_queue, header, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn a_user_without_a_token_gets_not_connected_and_the_server_is_not_called() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+
+    app.call("job-1", "nobody", "qlik_whoami", json!({})).await;
+    let (reply, correlation) = app.next_reply().await;
+
+    assert_eq!(reply["status"], "error");
+    assert_eq!(reply["job_id"], "job-1");
+    assert_eq!(correlation.as_deref(), Some("corr-job-1"));
+    assert_eq!(reply["error"]["code"], "not_connected");
+    assert_eq!(reply["error"]["provider"], "qlik");
+    assert_eq!(reply["error"]["retryable"], false);
+    assert!(server.requests().is_empty(), "the MCP server was contacted: {:?}", server.requests());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_tool_gets_unknown_tool() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+    app.store_token("alice", "t").await;
+
+    app.call("job-1", "alice", "salesforce_query", json!({})).await;
+    let (reply, _) = app.next_reply().await;
+
+    assert_eq!(reply["error"]["code"], "unknown_tool", "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("salesforce_query"));
+    assert!(server.requests().is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_json_gets_an_invalid_job_reply_and_is_dead_lettered_with_the_reason() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+
+    app.publish(b"{not json", Some("corr-bad")).await;
+    let (reply, correlation) = app.next_reply().await;
+    assert_eq!(reply["status"], "error");
+    assert_eq!(reply["error"]["code"], "invalid_job");
+    assert_eq!(reply["error"]["retryable"], false);
+    assert_eq!(reply["job_id"], serde_json::Value::Null);
+    assert_eq!(correlation.as_deref(), Some("corr-bad"));
+
+    let dead = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("the job is dead-lettered");
+    assert_eq!(dead.data, b"{not json");
+    let reason = header(&dead.properties, "x-mcp-worker-reason").expect("a reason header");
+    assert!(reason.contains("not valid JSON"), "{reason}");
+    assert!(app.get_message(&app.settings.amqp.jobs_queue).await.is_none(), "the job was left in the queue");
+    assert!(server.requests().is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrongly_typed_field_is_named_and_the_job_id_kept() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+
+    app.publish(br#"{"job_id":"job-7","user_id":42,"tool":"qlik_whoami"}"#, None).await;
+    let (reply, correlation) = app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "invalid_job");
+    assert_eq!(reply["job_id"], "job-7");
+    assert_eq!(correlation.as_deref(), Some("job-7"), "the correlation id falls back to the job id");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("user_id"), "{reply}");
+    let dead = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("the job is dead-lettered");
+    assert!(header(&dead.properties, "x-mcp-worker-reason").unwrap().contains("user_id"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_without_reply_to_is_dead_lettered_and_not_run() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+    app.store_token("alice", "t").await;
+
+    let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "qlik_whoami" });
+    app.publish_with(&serde_json::to_vec(&job).unwrap(), lapin::BasicProperties::default()).await;
+    let dead = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("the job is dead-lettered");
+    assert!(header(&dead.properties, "x-mcp-worker-reason").unwrap().contains("reply_to"));
+    assert!(server.tool_calls().is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_tool_failure_is_an_ok_reply_with_is_error() {
+    let server = McpServer::spawn(Flavor::V1Sse).await;
+    let app = spawn_app(&server.url()).await;
+    app.store_token("alice", "t").await;
+
+    app.call("job-1", "alice", "qlik_fail", json!({})).await;
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(reply["result"]["isError"], true, "{reply}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_without_auth_gets_no_token_even_when_the_user_has_one() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+    app.store_token("alice", "secret-token").await;
+
+    app.call("job-1", "alice", "echo", json!({ "text": "hello" })).await;
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(reply["result"]["content"][0]["text"], "hello");
+    let calls = server.tool_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].tool.as_deref(), Some("echo"));
+    assert_eq!(calls[0].x_qlik_access_token, None);
+    assert_eq!(calls[0].arguments, Some(json!({ "text": "hello" })));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_passed_deadline_is_answered_without_calling_the_server() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+    app.store_token("alice", "t").await;
+
+    let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "qlik_whoami", "deadline": "2020-01-01T00:00:00Z" });
+    app.publish(&serde_json::to_vec(&job).unwrap(), None).await;
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "deadline_exceeded", "{reply}");
+    assert!(server.requests().is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_gives_a_retryable_mcp_unavailable() {
+    // Nothing listens on port 9 (discard) on these machines.
+    let app = spawn_app("http://127.0.0.1:9/mcp").await;
+    app.store_token("alice", "t").await;
+
+    app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "mcp_unavailable", "{reply}");
+    assert_eq!(reply["error"]["retryable"], true);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_is_not_acked_while_the_broker_refuses_its_reply() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app_with(&server.url(), &[("amqp.delivery_limit", json!(1))]).await;
+    app.store_token("alice", "t").await;
+    // A reply queue that can hold nothing and answers publishes with a nack.
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let full = format!("{}.full", app.reply_queue);
+    declare_queue(&app.channel, &full, arguments).await;
+
+    let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "qlik_whoami" });
+    let properties = lapin::BasicProperties::default().with_reply_to(full.as_str().into());
+    app.publish_with(&serde_json::to_vec(&job).unwrap(), properties).await;
+
+    // Had the job been acked despite the nack, it would be gone after one run. Instead the broker
+    // delivers it again until the delivery limit, then dead-letters it itself (no worker reason).
+    let dead = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("the broker dead-letters the job");
+    assert_eq!(header(&dead.properties, "x-mcp-worker-reason"), None);
+    assert!(server.tool_calls().len() >= 2, "the job ran {} time(s)", server.tool_calls().len());
+    app.stop().await;
+}

@@ -1,0 +1,9 @@
+//! Integration tests against the real services: RabbitMQ, a MongoDB-wire server (SecantusDB) and
+//! the official MCP Python SDK's servers. Start them with `scripts/services up`; `scripts/test`
+//! does that and then runs this suite.
+
+mod jobs;
+mod mcp_interop;
+mod migrations;
+mod store;
+mod support;

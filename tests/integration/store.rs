@@ -1,0 +1,83 @@
+//! The `qlik_tokens` documents: exact field names, BSON types, upsert semantics, the unique index.
+
+use chrono::{Duration, Utc};
+use mcp_worker::provider::Provider;
+use mcp_worker::secret::Secret;
+use mcp_worker::store::{NewTokens, Store, embedded_migrations};
+use mongodb::bson::{Bson, Document, doc};
+
+use crate::support::test_settings;
+
+async fn migrated() -> (Store, mongodb::Collection<Document>) {
+    let settings = test_settings("http://127.0.0.1:9/mcp", &[]);
+    let store = Store::connect(&settings.mongodb).await.unwrap();
+    store.migrate(&embedded_migrations().unwrap()).await.unwrap();
+    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose()).await.unwrap().database(&settings.mongodb.database);
+    (store, db.collection("qlik_tokens"))
+}
+
+fn tokens(access: &str, expires_in: Duration) -> NewTokens {
+    NewTokens {
+        access_token: Secret::new(access.to_owned()),
+        refresh_token: Secret::new(format!("r-{access}")),
+        expires_at: Utc::now() + expires_in,
+    }
+}
+
+#[tokio::test]
+async fn a_saved_token_has_exactly_the_seed_fields_with_bson_dates() {
+    let (store, raw) = migrated().await;
+    let tokens_store = store.tokens(Provider::Qlik);
+    let now = Utc::now();
+    tokens_store.save("u1", &tokens("a1", Duration::hours(6)), now).await.unwrap();
+
+    let document = raw.find_one(doc! { "user_id": "u1" }).await.unwrap().unwrap();
+    let mut keys: Vec<&str> = document.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["_id", "access_token", "created_at", "expires_at", "refresh_token", "updated_at", "user_id"]);
+    for field in ["expires_at", "created_at", "updated_at"] {
+        assert!(matches!(document.get(field), Some(Bson::DateTime(_))), "{field} is {:?}", document.get(field));
+    }
+    assert_eq!(document.get_str("access_token").unwrap(), "a1");
+    assert_eq!(document.get_str("refresh_token").unwrap(), "r-a1");
+
+    let read = tokens_store.get("u1").await.unwrap().unwrap();
+    assert_eq!(read.access_token.expose(), "a1");
+    assert_eq!(read.created_at.timestamp_millis(), now.timestamp_millis());
+}
+
+#[tokio::test]
+async fn saving_again_replaces_tokens_but_keeps_created_at() {
+    let (store, _raw) = migrated().await;
+    let tokens_store = store.tokens(Provider::Qlik);
+    let first = Utc::now() - Duration::minutes(10);
+    tokens_store.save("u1", &tokens("a1", Duration::hours(6)), first).await.unwrap();
+    let later = Utc::now();
+    tokens_store.save("u1", &tokens("a2", Duration::hours(6)), later).await.unwrap();
+
+    let read = tokens_store.get("u1").await.unwrap().unwrap();
+    assert_eq!(read.access_token.expose(), "a2");
+    assert_eq!(read.created_at.timestamp_millis(), first.timestamp_millis());
+    assert_eq!(read.updated_at.timestamp_millis(), later.timestamp_millis());
+}
+
+#[tokio::test]
+async fn delete_removes_the_document_and_reports_whether_there_was_one() {
+    let (store, _raw) = migrated().await;
+    let tokens_store = store.tokens(Provider::Qlik);
+    tokens_store.save("u1", &tokens("a1", Duration::hours(6)), Utc::now()).await.unwrap();
+    assert!(tokens_store.delete("u1").await.unwrap());
+    assert!(tokens_store.get("u1").await.unwrap().is_none());
+    assert!(!tokens_store.delete("u1").await.unwrap());
+}
+
+#[tokio::test]
+async fn the_unique_index_rejects_a_second_document_for_the_same_user() {
+    let (_store, raw) = migrated().await;
+    raw.insert_one(doc! { "user_id": "dup", "access_token": "a" }).await.unwrap();
+    let err = raw.insert_one(doc! { "user_id": "dup", "access_token": "b" }).await.unwrap_err();
+    match *err.kind {
+        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(ref e)) => assert_eq!(e.code, 11000),
+        ref other => panic!("expected a duplicate-key error, got {other:?}"),
+    }
+}

@@ -1,0 +1,177 @@
+//! Test helpers: a worker per test on the real broker and database, with its own database and
+//! queues so tests can run in parallel, and the official Python SDK's MCP servers as peers.
+//!
+//! The services must be running (`scripts/services up`, which `scripts/test` does). A missing
+//! service fails the test with a message saying so; nothing is skipped.
+
+mod mcp_server;
+
+use std::time::Duration;
+
+use figment::providers::Serialized;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use mcp_worker::app::App;
+use mcp_worker::config::Settings;
+use mcp_worker::provider::Provider;
+use mcp_worker::secret::Secret;
+use mcp_worker::store::{NewTokens, Store};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub use mcp_server::{Flavor, McpServer};
+
+/// How long a test waits for a reply before failing.
+pub const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// Settings for one test: the usual layers (so `MCP_WORKER_*` can point at other services), then
+/// a fresh database and queue names, then the test's own overrides.
+pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut figment = Settings::figment(None, std::path::Path::new("config"))
+        .expect("the default layers load")
+        .merge(Serialized::default("mongodb.database", format!("t_{}", &id[..16])))
+        .merge(Serialized::default("amqp.jobs_queue", format!("t.{id}.tool_calls")))
+        .merge(Serialized::default("amqp.dead_letter_queue", format!("t.{id}.dead")))
+        .merge(Serialized::default("mcp.call_timeout_ms", 10_000))
+        .merge(Serialized::default("mcp.servers.qlik.url", mcp_url))
+        .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo"] })));
+    for (key, value) in overrides {
+        figment = figment.merge(Serialized::default(key, value.clone()));
+    }
+    Settings::from_figment(figment).expect("test settings are valid")
+}
+
+/// A running worker with its own database and queues, and a client side to talk to it.
+pub struct TestApp {
+    pub settings: Settings,
+    pub store: Store,
+    pub channel: Channel,
+    pub reply_queue: String,
+    shutdown: CancellationToken,
+    worker: Option<tokio::task::JoinHandle<Result<(), mcp_worker::app::AppError>>>,
+    _connection: Connection,
+}
+
+pub async fn spawn_app(mcp_url: &str) -> TestApp {
+    spawn_app_with(mcp_url, &[]).await
+}
+
+pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestApp {
+    let settings = test_settings(mcp_url, overrides);
+    let store = Store::connect(&settings.mongodb).await.unwrap();
+    store.ping().await.expect("MongoDB (SecantusDB) is not reachable: run scripts/services up");
+    mcp_worker::app::migrate(&settings).await.expect("migrations apply");
+    let app = App::build(&settings).await.expect("the worker starts (is RabbitMQ up? run scripts/services up)");
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(app.run(shutdown.clone()));
+
+    let connection = Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ is reachable");
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let reply_queue = format!("{}.replies", settings.amqp.jobs_queue);
+    declare_queue(&channel, &reply_queue, FieldTable::default()).await;
+    TestApp { settings, store, channel, reply_queue, shutdown, worker: Some(worker), _connection: connection }
+}
+
+/// Declares a non-durable queue that goes away with the connection.
+pub async fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) {
+    let options = QueueDeclareOptions { exclusive: true, ..Default::default() };
+    channel.queue_declare(name.into(), options, arguments).await.unwrap();
+}
+
+impl TestApp {
+    /// Publishes a job body with `reply_to` set to this test's reply queue.
+    pub async fn publish(&self, body: &[u8], correlation_id: Option<&str>) {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_reply_to(self.reply_queue.as_str().into());
+        if let Some(id) = correlation_id {
+            properties = properties.with_correlation_id(id.into());
+        }
+        self.publish_with(body, properties).await;
+    }
+
+    pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.jobs_queue.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(matches!(confirm, Confirmation::Ack(None)), "the job was not routed: {confirm:?}");
+    }
+
+    /// Publishes a well-formed job for `user` calling `tool`.
+    pub async fn call(&self, job_id: &str, user: &str, tool: &str, arguments: Value) {
+        let job = json!({ "job_id": job_id, "user_id": user, "tool": tool, "arguments": arguments });
+        self.publish(&serde_json::to_vec(&job).unwrap(), Some(&format!("corr-{job_id}"))).await;
+    }
+
+    /// The next reply on this test's reply queue, with its correlation id.
+    pub async fn next_reply(&self) -> (Value, Option<String>) {
+        let delivery = self.next_message(&self.reply_queue).await.expect("a reply arrives in time");
+        let correlation = delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
+        (serde_json::from_slice(&delivery.data).expect("replies are JSON"), correlation)
+    }
+
+    /// The next message on `queue`, or `None` after [`REPLY_WAIT`]. It polls with `basic.get`,
+    /// which takes exactly one message, where a consumer could be pushed more than it reads.
+    pub async fn next_message(&self, queue: &str) -> Option<lapin::message::Delivery> {
+        let until = tokio::time::Instant::now() + REPLY_WAIT;
+        while tokio::time::Instant::now() < until {
+            if let Some(message) = self.get_message(queue).await {
+                return Some(message.delivery);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// A message from `queue` if one is there now.
+    pub async fn get_message(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    }
+
+    pub async fn store_token(&self, user: &str, access_token: &str) {
+        let now = chrono::Utc::now();
+        let tokens = NewTokens {
+            access_token: Secret::new(access_token.to_owned()),
+            refresh_token: Secret::new(format!("refresh-{access_token}")),
+            expires_at: now + chrono::Duration::hours(6),
+        };
+        self.store.tokens(Provider::Qlik).save(user, &tokens, now).await.unwrap();
+    }
+
+    /// Stops the worker and waits for it, failing the test if it ended with an error.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let worker = self.worker.take().unwrap();
+        worker.await.unwrap().expect("the worker stops cleanly");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The value of a string header of a message.
+pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
