@@ -9,6 +9,9 @@ use super::{Delivery, QueueError};
 /// Header naming why the worker dead-lettered a message.
 pub const REASON_HEADER: &str = "x-mcp-worker-reason";
 
+/// Reply-to names of RabbitMQ's direct reply-to feature start with this.
+const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
+
 /// Persistent delivery mode: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
@@ -56,7 +59,11 @@ impl Publisher {
     }
 
     async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<Published, QueueError> {
-        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        // `mandatory` makes the broker return a message no queue takes, so a vanished reply queue
+        // is noticed. Direct reply-to names are not queues: the broker returns those as
+        // unroutable even when it delivers them, so they are published without it.
+        let mandatory = !queue.starts_with(DIRECT_REPLY_TO_PREFIX);
+        let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
         let confirm = self.channel.basic_publish("".into(), queue.into(), options, body, properties).await?.await?;
         match confirm {
             Confirmation::Ack(None) => Ok(Published::Delivered),

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Test MCP server (Streamable HTTP) for the mcp-worker integration tests.
+
+Runs unchanged under the official MCP Python SDK 1.x (`mcp==1.30.0`, FastMCP)
+and 2.x (`mcp==2.3.0`, MCPServer); the SDK generation is detected by import.
+
+    server.py --port P [--host 127.0.0.1] [--json-response] --log FILE [--allowed-host NAME]
+
+MCP is served at `/mcp`, stateless. Every HTTP request is appended to FILE as
+one JSON line (flushed at once) before the SDK handles it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import uvicorn
+
+try:  # mcp >= 2
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    SDK_MAJOR = 2
+except ImportError:  # mcp < 2
+    from mcp.server.fastmcp import Context, FastMCP
+    from mcp.server.fastmcp.exceptions import ToolError
+
+    SDK_MAJOR = 1
+
+from mcp.server.transport_security import TransportSecuritySettings
+
+
+def _request_headers(ctx: Context) -> Any:
+    """Headers of the HTTP request that carried the current MCP message (or None)."""
+    if SDK_MAJOR >= 2:
+        return ctx.headers
+    request = getattr(ctx.request_context, "request", None)
+    return getattr(request, "headers", None)
+
+
+def _header(headers: Any, name: str) -> str | None:
+    if headers is None:
+        return None
+    value = headers.get(name)
+    if value is None:
+        value = headers.get(name.lower())
+    return value
+
+
+def build_server(args: argparse.Namespace) -> Any:
+    # Host-header (DNS-rebinding) protection: the SDK turns it on for loopback
+    # hosts and answers 421 to any other Host; keep it, but list the loopback
+    # names explicitly so `127.0.0.1:<port>` / `localhost:<port>` always pass.
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*", f"{args.host}:*"] + [f"{h}:*" for h in args.allowed_host],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )
+    if SDK_MAJOR >= 2:
+        server = MCPServer("mcp-worker-test-server", log_level="WARNING")
+    else:
+        server = FastMCP(
+            "mcp-worker-test-server",
+            host=args.host,
+            port=args.port,
+            stateless_http=True,
+            json_response=args.json_response,
+            transport_security=security,
+            log_level="WARNING",
+        )
+
+    @server.tool()
+    def qlik_whoami(ctx: Context) -> dict[str, Any]:
+        """Return the X-Qlik-Access-Token and Authorization headers the server received."""
+        headers = _request_headers(ctx)
+        return {
+            "token": _header(headers, "x-qlik-access-token"),
+            "authorization": _header(headers, "authorization"),
+        }
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Return the given text."""
+        return text
+
+    @server.tool()
+    def qlik_fail() -> str:
+        """Always fails (the result carries isError: true)."""
+        # ToolError: both SDKs answer isError=true with this message (2.x hides the
+        # message of any other exception and logs a traceback).
+        raise ToolError("qlik_fail: deliberate tool failure")
+
+    @server.tool()
+    def count_job(job_id: str) -> str:
+        """Return "ok"; tests count executions per job_id via the request log."""
+        return "ok"
+
+    @server.tool()
+    async def sleep(seconds: float) -> str:
+        """Sleep for the given number of seconds, then return "slept"."""
+        await asyncio.sleep(seconds)
+        return "slept"
+
+    if SDK_MAJOR >= 2:
+        app = server.streamable_http_app(
+            streamable_http_path="/mcp",
+            json_response=args.json_response,
+            stateless_http=True,
+            transport_security=security,
+            host=args.host,
+        )
+    else:
+        app = server.streamable_http_app()
+    return app
+
+
+class RequestLogMiddleware:
+    """Pure ASGI middleware: log one JSON line per HTTP request, replay the body downstream."""
+
+    def __init__(self, app: Any, log_path: str) -> None:
+        self.app = app
+        self.log_file = open(log_path, "a", encoding="utf-8", buffering=1)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        buffered: list[dict] = []
+        body = b""
+        if scope["method"] == "POST":
+            while True:
+                message = await receive()
+                buffered.append(message)
+                if message["type"] != "http.request":
+                    break  # e.g. http.disconnect
+                body += message.get("body", b"")
+                if not message.get("more_body", False):
+                    break
+
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers", []):
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+
+        mcp_method = tool = arguments = None
+        if body:
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict):
+                mcp_method = payload.get("method")
+                params = payload.get("params")
+                if mcp_method == "tools/call" and isinstance(params, dict):
+                    tool = params.get("name")
+                    arguments = params.get("arguments")
+
+        record = {
+            "method": scope["method"],
+            "path": scope.get("path"),
+            "x_qlik_access_token": headers.get("x-qlik-access-token"),
+            "authorization": headers.get("authorization"),
+            "accept": headers.get("accept"),
+            "mcp_method": mcp_method,
+            "tool": tool,
+            "arguments": arguments,
+        }
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+        async def replay() -> dict:
+            if buffered:
+                return buffered.pop(0)
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--json-response", action="store_true", help="answer application/json instead of SSE")
+    parser.add_argument("--log", required=True, help="append one JSON line per HTTP request to this file")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="another Host header name to accept (e.g. a compose service name); repeatable",
+    )
+    args = parser.parse_args()
+
+    log_dir = os.path.dirname(os.path.abspath(args.log))
+    os.makedirs(log_dir, exist_ok=True)
+
+    app = RequestLogMiddleware(build_server(args), args.log)
+    mode = "json" if args.json_response else "sse"
+    print(
+        f"mcp test server: sdk v{SDK_MAJOR}, {mode}, http://{args.host}:{args.port}/mcp, log {args.log}",
+        file=sys.stderr,
+        flush=True,
+    )
+    # lifespan="on": the Starlette app's lifespan starts the SDK session manager.
+    # timeout_graceful_shutdown: SIGTERM ends the process within seconds even while a
+    # `sleep` call or an SSE stream is still open.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+
+
+if __name__ == "__main__":
+    main()
