@@ -149,6 +149,33 @@ async fn an_unreachable_server_gives_a_retryable_mcp_unavailable() {
 }
 
 #[tokio::test]
+async fn a_call_that_outlives_the_call_timeout_gives_a_retryable_mcp_unavailable() {
+    let server = McpServer::spawn(Flavor::V1Json).await;
+    let app = spawn_app_with(&server.url(), &[("mcp.call_timeout_ms", json!(300))]).await;
+
+    app.call("job-1", "alice", "sleep", json!({ "seconds": 5 })).await;
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "mcp_unavailable", "{reply}");
+    assert_eq!(reply["error"]["retryable"], true);
+    assert!(reply["error"]["message"].as_str().unwrap().contains("did not answer"), "{reply}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_deadline_during_the_call_gives_deadline_exceeded() {
+    let server = McpServer::spawn(Flavor::V1Json).await;
+    let app = spawn_app(&server.url()).await;
+
+    let deadline = (chrono::Utc::now() + chrono::Duration::milliseconds(1500)).to_rfc3339();
+    let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "sleep", "arguments": { "seconds": 10 }, "deadline": deadline });
+    app.publish(&serde_json::to_vec(&job).unwrap(), None).await;
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "deadline_exceeded", "{reply}");
+    assert_eq!(server.tool_calls().len(), 1, "the call was made, and cut short by the deadline");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_job_is_not_acked_while_the_broker_refuses_its_reply() {
     let server = McpServer::spawn(Flavor::V2Json).await;
     let app = spawn_app_with(&server.url(), &[("amqp.delivery_limit", json!(1))]).await;

@@ -36,7 +36,7 @@ pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
         .merge(Serialized::default("amqp.dead_letter_queue", format!("t.{id}.dead")))
         .merge(Serialized::default("mcp.call_timeout_ms", 10_000))
         .merge(Serialized::default("mcp.servers.qlik.url", mcp_url))
-        .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo"] })));
+        .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo", "sleep"] })));
     for (key, value) in overrides {
         figment = figment.merge(Serialized::default(key, value.clone()));
     }
