@@ -1,16 +1,25 @@
 //! Wiring: builds every part from validated [`Settings`] and runs them until shutdown.
 //!
-//! [`App::build`] connects to MongoDB and RabbitMQ, declares the topology and starts consuming, so
-//! when it returns the worker is ready; [`App::run`] processes jobs until the shutdown token fires.
-//! Tests use the same two steps with settings of their own (a fresh database and queues per test).
+//! [`App::build`] connects to MongoDB and RabbitMQ, declares the topology, starts consuming and
+//! binds the HTTP listener, so when it returns the process is ready; [`App::run`] serves until the
+//! shutdown token fires or a part fails. Each role (worker, refresher, API) can be switched off
+//! so they can scale apart. Tests use the same two steps with settings of their own.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, ApiState};
 use crate::config::{ConfigError, Settings};
+use crate::crypto::TokenCipher;
 use crate::mcp::{McpCallError, McpClients};
+use crate::oauth::OAuthClient;
+use crate::provider::Provider;
 use crate::queue::{Broker, Jobs, QueueError, Topology};
+use crate::refresher::{Refresher, RefresherConfig, RefresherError};
 use crate::registry::Registry;
 use crate::store::{MigrationError, MigrationStatus, Store, StoreError, embedded_migrations};
 use crate::worker::{Worker, WorkerConfig, WorkerError};
@@ -29,40 +38,153 @@ pub enum AppError {
     Mcp(#[from] McpCallError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Refresher(#[from] RefresherError),
+    #[error("the HTTP API failed: {0}")]
+    Api(#[from] std::io::Error),
+}
+
+/// Which parts a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub worker: bool,
+    pub refresher: bool,
+    pub api: bool,
+}
+
+impl Roles {
+    pub fn all() -> Self {
+        Self { worker: true, refresher: true, api: true }
+    }
 }
 
 pub struct App {
     broker: Broker,
-    worker: Arc<Worker>,
-    jobs: Jobs,
+    worker: Option<(Arc<Worker>, Jobs)>,
+    refresher: Option<(Arc<Refresher>, Jobs)>,
+    api: Option<(tokio::net::TcpListener, Arc<ApiState>)>,
 }
 
 impl App {
-    pub async fn build(settings: &Settings) -> Result<Self, AppError> {
+    pub async fn build(settings: &Settings, roles: Roles) -> Result<Self, AppError> {
+        let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
         let registry = Arc::new(Registry::from_settings(&settings.mcp)?);
         let store = Store::connect(&settings.mongodb).await?;
         store.ping().await?;
         let broker = Broker::connect(&settings.amqp.url, "mcp-worker").await?;
         broker.declare(&topology(settings)).await?;
         let publisher = broker.publisher().await?;
-        let mcp = Arc::new(McpClients::new(&registry, settings.mcp.connect_timeout(), settings.worker.concurrency)?);
-        let config = WorkerConfig {
-            concurrency: settings.worker.concurrency,
-            max_job_bytes: settings.worker.max_job_bytes,
-            call_timeout: settings.mcp.call_timeout(),
-            dead_letter_queue: settings.amqp.dead_letter_queue.clone(),
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| QueueError::Connect(e.to_string()))?;
+        let oauth: HashMap<Provider, Arc<OAuthClient>> = match settings.providers.get(Provider::Qlik) {
+            Some(provider) => [(Provider::Qlik, Arc::new(OAuthClient::new(Provider::Qlik, provider, http.clone())?))].into(),
+            None => {
+                tracing::warn!("providers.qlik is not configured: no connect flow and no token refresh");
+                HashMap::new()
+            }
         };
-        let worker = Arc::new(Worker::new(config, registry, store, mcp, publisher));
-        let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;
-        tracing::info!(queue = %settings.amqp.jobs_queue, "worker ready");
-        Ok(Self { broker, worker, jobs })
+
+        let worker = if roles.worker {
+            let mcp = Arc::new(McpClients::new(&registry, settings.mcp.connect_timeout(), settings.worker.concurrency)?);
+            let config = WorkerConfig {
+                concurrency: settings.worker.concurrency,
+                max_job_bytes: settings.worker.max_job_bytes,
+                call_timeout: settings.mcp.call_timeout(),
+                dead_letter_queue: settings.amqp.dead_letter_queue.clone(),
+                clock_skew: Duration::from_secs(settings.tokens.clock_skew_secs),
+                max_deferrals: settings.tokens.max_deferrals,
+                delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
+                refresh_queue: settings.amqp.refresh_queue.clone(),
+            };
+            let worker = Worker::new(config, registry.clone(), store.clone(), cipher.clone(), mcp, publisher.clone());
+            let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;
+            Some((Arc::new(worker), jobs))
+        } else {
+            None
+        };
+
+        let refresher = match (roles.refresher, oauth.get(&Provider::Qlik)) {
+            (true, Some(client)) => {
+                let provider = settings.providers.get(Provider::Qlik).expect("configured, since it has a client");
+                let config = RefresherConfig {
+                    interval: Duration::from_secs(settings.refresher.interval_secs),
+                    lead: Duration::from_secs(settings.refresher.lead_secs),
+                    lease: Duration::from_secs(settings.refresher.lease_secs),
+                    concurrency: settings.refresher.concurrency,
+                    batch: settings.refresher.batch,
+                    retry_initial: Duration::from_secs(settings.refresher.retry_initial_secs),
+                    retry_max: Duration::from_secs(settings.refresher.retry_max_secs),
+                    rate_per_minute: provider.rate_limit_per_minute,
+                    events_exchange: settings.amqp.events_exchange.clone(),
+                };
+                let tokens = store.tokens(Provider::Qlik, &cipher);
+                let refresher = Refresher::new(tokens, client.clone(), publisher.clone(), config);
+                let requests = broker.consume(&settings.amqp.refresh_queue, 16).await?;
+                Some((Arc::new(refresher), requests))
+            }
+            _ => None,
+        };
+
+        let api = if roles.api {
+            let listener = tokio::net::TcpListener::bind(settings.http.listen).await?;
+            let state = ApiState {
+                store: store.clone(),
+                cipher: cipher.clone(),
+                oauth,
+                publisher: publisher.clone(),
+                events_exchange: settings.amqp.events_exchange.clone(),
+                service_key: settings.http.service_key.clone(),
+                default_return_to: settings.http.default_return_to.clone(),
+                return_to_allowlist: settings.http.return_to_allowlist.iter().filter_map(|u| reqwest::Url::parse(u).ok()).collect(),
+                state_ttl: chrono::Duration::seconds(i64::try_from(settings.http.state_ttl_secs).unwrap_or(i64::MAX)),
+            };
+            tracing::info!(listen = %listener.local_addr()?, "HTTP API ready");
+            Some((listener, Arc::new(state)))
+        } else {
+            None
+        };
+        tracing::info!(worker = worker.is_some(), refresher = refresher.is_some(), api = api.is_some(), "mcp-worker ready");
+        Ok(Self { broker, worker, refresher, api })
     }
 
+    /// Where the HTTP API listens, when it runs (useful with port 0).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
+    /// Runs every role until `shutdown`; if one stops with an error, the others are stopped too
+    /// and that error is returned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
-        let result = self.worker.run(self.jobs, shutdown).await;
+        let stop = shutdown.child_token();
+        let mut parts = tokio::task::JoinSet::new();
+        if let Some((worker, jobs)) = self.worker {
+            let stop = stop.clone();
+            parts.spawn(async move { worker.run(jobs, stop).await.map_err(AppError::from) });
+        }
+        if let Some((refresher, requests)) = self.refresher {
+            let stop = stop.clone();
+            parts.spawn(async move { refresher.run(requests, stop).await.map_err(AppError::from) });
+        }
+        if let Some((listener, state)) = self.api {
+            let stop = stop.clone();
+            parts.spawn(async move { api::serve(listener, state, stop).await.map_err(AppError::from) });
+        }
+        let mut result = Ok(());
+        while let Some(joined) = parts.join_next().await {
+            let outcome = joined.unwrap_or_else(|e| Err(AppError::Api(std::io::Error::other(e.to_string()))));
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "a part stopped; stopping the others");
+                stop.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
         self.broker.close().await;
-        tracing::info!("worker stopped");
-        Ok(result?)
+        tracing::info!("mcp-worker stopped");
+        result
     }
 }
 
@@ -71,6 +193,10 @@ pub fn topology(settings: &Settings) -> Topology {
         jobs_queue: settings.amqp.jobs_queue.clone(),
         dead_letter_queue: settings.amqp.dead_letter_queue.clone(),
         delivery_limit: settings.amqp.delivery_limit,
+        delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
+        delay_ms: settings.tokens.defer_ms,
+        refresh_queue: settings.amqp.refresh_queue.clone(),
+        events_exchange: settings.amqp.events_exchange.clone(),
     }
 }
 

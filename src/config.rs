@@ -43,6 +43,88 @@ pub struct Settings {
     pub mongodb: MongoSettings,
     pub worker: WorkerSettings,
     pub mcp: McpSettings,
+    pub encryption: EncryptionSettings,
+    pub http: HttpSettings,
+    pub providers: ProvidersSettings,
+    pub refresher: RefresherSettings,
+    pub tokens: TokenSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionSettings {
+    pub active_key: String,
+    pub keys: BTreeMap<String, Secret<String>>,
+    pub allow_plaintext_tokens: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: std::net::SocketAddr,
+    pub service_key: Secret<String>,
+    pub default_return_to: String,
+    pub return_to_allowlist: Vec<String>,
+    pub state_ttl_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersSettings {
+    pub qlik: ProviderSettings,
+}
+
+impl ProvidersSettings {
+    /// The provider's settings when it is configured (has a client id).
+    pub fn get(&self, provider: Provider) -> Option<&ProviderSettings> {
+        let settings = match provider {
+            Provider::Qlik => &self.qlik,
+        };
+        (!settings.client_id.is_empty()).then_some(settings)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub client_id: String,
+    pub client_secret: Secret<String>,
+    pub authorize_url: String,
+    pub token_url: String,
+    pub revoke_url: String,
+    pub redirect_uri: String,
+    pub scopes: Vec<String>,
+    pub client_auth: ClientAuth,
+    pub default_token_lifetime_secs: u64,
+    pub rate_limit_per_minute: u32,
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    ClientSecretPost,
+    ClientSecretBasic,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefresherSettings {
+    pub interval_secs: u64,
+    pub lead_secs: u64,
+    pub lease_secs: u64,
+    pub concurrency: usize,
+    pub batch: i64,
+    pub retry_initial_secs: u64,
+    pub retry_max_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    pub clock_skew_secs: u64,
+    pub max_deferrals: u32,
+    pub defer_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +147,8 @@ pub struct AmqpSettings {
     pub url: Secret<String>,
     pub jobs_queue: String,
     pub dead_letter_queue: String,
+    pub refresh_queue: String,
+    pub events_exchange: String,
     pub prefetch: u16,
     pub delivery_limit: u32,
 }
@@ -89,6 +173,14 @@ pub struct McpSettings {
     pub call_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub servers: BTreeMap<String, McpServerSettings>,
+}
+
+impl AmqpSettings {
+    /// The queue deferred jobs wait in. Its name carries the delay, so changing `tokens.defer_ms`
+    /// declares a new queue instead of clashing with the old one's arguments.
+    pub fn delay_queue(&self, defer_ms: u64) -> String {
+        format!("{}.delay.{defer_ms}ms", self.jobs_queue)
+    }
 }
 
 impl McpSettings {
@@ -164,6 +256,8 @@ impl Settings {
         for (key, name) in [
             ("amqp.jobs_queue", &self.amqp.jobs_queue),
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.refresh_queue", &self.amqp.refresh_queue),
+            ("amqp.events_exchange", &self.amqp.events_exchange),
             ("mongodb.database", &self.mongodb.database),
         ] {
             if name.is_empty() || name.len() > 255 {
@@ -180,6 +274,9 @@ impl Settings {
             && !self.mongodb.uri.expose().starts_with("mongodb+srv://")
         {
             return Err(invalid("mongodb.uri", "must start with mongodb:// or mongodb+srv://"));
+        }
+        if self.tokens.defer_ms == 0 {
+            return Err(invalid("tokens.defer_ms", "must be at least 1"));
         }
         if self.amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
@@ -198,6 +295,42 @@ impl Settings {
         }
         if self.mcp.connect_timeout_ms == 0 {
             return Err(invalid("mcp.connect_timeout_ms", "must be at least 1"));
+        }
+        crate::crypto::KeyRing::from_settings(&self.encryption)?;
+        for (key, value) in [
+            ("http.state_ttl_secs", self.http.state_ttl_secs),
+            ("refresher.interval_secs", self.refresher.interval_secs),
+            ("refresher.lease_secs", self.refresher.lease_secs),
+            ("refresher.retry_initial_secs", self.refresher.retry_initial_secs),
+            ("providers.qlik.default_token_lifetime_secs", self.providers.qlik.default_token_lifetime_secs),
+            ("providers.qlik.request_timeout_secs", self.providers.qlik.request_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.refresher.concurrency == 0 || self.refresher.batch < 1 {
+            return Err(invalid("refresher.concurrency", "and refresher.batch must be at least 1"));
+        }
+        if self.providers.qlik.rate_limit_per_minute == 0 {
+            return Err(invalid("providers.qlik.rate_limit_per_minute", "must be at least 1"));
+        }
+        if self.providers.get(Provider::Qlik).is_some() {
+            for (key, url) in [
+                ("providers.qlik.authorize_url", &self.providers.qlik.authorize_url),
+                ("providers.qlik.token_url", &self.providers.qlik.token_url),
+                ("providers.qlik.revoke_url", &self.providers.qlik.revoke_url),
+                ("providers.qlik.redirect_uri", &self.providers.qlik.redirect_uri),
+            ] {
+                if reqwest::Url::parse(url).is_err() {
+                    return Err(invalid(key, "is not a valid URL"));
+                }
+            }
+        }
+        for (i, prefix) in self.http.return_to_allowlist.iter().enumerate() {
+            if reqwest::Url::parse(prefix).is_err() {
+                return Err(invalid(format!("http.return_to_allowlist[{i}]"), "is not a valid URL"));
+            }
         }
         // Building the registry checks URLs, tool selectors, auth headers and overlaps.
         crate::registry::Registry::from_settings(&self.mcp).map(drop)

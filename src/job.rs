@@ -112,6 +112,8 @@ pub enum ErrorCode {
     InvalidJob,
     UnknownTool,
     NotConnected,
+    ReauthRequired,
+    TokenUnavailable,
     McpUnavailable,
     McpProtocolError,
     DeadlineExceeded,
@@ -121,7 +123,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Whether sending the same job again may succeed without anyone changing anything.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorCode::McpUnavailable | ErrorCode::Internal)
+        matches!(self, ErrorCode::McpUnavailable | ErrorCode::TokenUnavailable | ErrorCode::Internal)
     }
 }
 
@@ -189,6 +191,8 @@ impl ErrorCode {
             ErrorCode::InvalidJob => "invalid_job",
             ErrorCode::UnknownTool => "unknown_tool",
             ErrorCode::NotConnected => "not_connected",
+            ErrorCode::ReauthRequired => "reauth_required",
+            ErrorCode::TokenUnavailable => "token_unavailable",
             ErrorCode::McpUnavailable => "mcp_unavailable",
             ErrorCode::McpProtocolError => "mcp_protocol_error",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",

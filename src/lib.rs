@@ -6,12 +6,17 @@
 //! publishes the reply ([`job`] holds the wire format). [`app`] wires the parts together;
 //! docs/ARCHITECTURE.md has the map.
 
+pub mod api;
 pub mod app;
 pub mod config;
+pub mod crypto;
 pub mod job;
 pub mod mcp;
+pub mod messages;
+pub mod oauth;
 pub mod provider;
 pub mod queue;
+pub mod refresher;
 pub mod registry;
 pub mod secret;
 pub mod store;

@@ -3,12 +3,14 @@
 use std::io::Read as _;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
-use mcp_worker::app::{self, App};
+use mcp_worker::app::{self, App, Roles};
+use mcp_worker::crypto::TokenCipher;
 use mcp_worker::config::Settings;
 use mcp_worker::provider::Provider;
 use mcp_worker::queue::Broker;
@@ -29,8 +31,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume tool-call jobs until SIGTERM or Ctrl-C.
-    Run,
+    /// Run until SIGTERM or Ctrl-C: the job worker, the token refresher and the HTTP API.
+    Run {
+        /// Which parts to run, comma-separated, so they can scale apart.
+        #[arg(long, value_delimiter = ',', default_value = "worker,refresher,api")]
+        roles: Vec<Role>,
+    },
     /// Apply the database migrations (indexes); safe to repeat.
     Migrate,
     /// Publish one tool-call job, wait for its reply and print it. Exit code: 0 for an ok reply,
@@ -54,8 +60,21 @@ enum Command {
     Tokens(TokensCommand),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// Consume tool-call jobs.
+    Worker,
+    /// Renew tokens before they expire.
+    Refresher,
+    /// Serve the connect flow, disconnect and status endpoints.
+    Api,
+}
+
 #[derive(Subcommand)]
 enum TokensCommand {
+    /// Re-encrypt every stored token under encryption.active_key (after adding a new key). Safe
+    /// to run while workers run; values already under the active key are left alone.
+    Reencrypt,
     /// Store a user's tokens obtained elsewhere (a demo, or a move from another token store).
     /// Reads {"access_token": "...", "refresh_token": "..."} from stdin, so tokens stay out of the
     /// process list and shell history.
@@ -98,8 +117,13 @@ fn main() -> ExitCode {
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run => {
-            let app = App::build(&settings).await?;
+        Command::Run { roles } => {
+            let roles = Roles {
+                worker: roles.contains(&Role::Worker),
+                refresher: roles.contains(&Role::Refresher),
+                api: roles.contains(&Role::Api),
+            };
+            let app = App::build(&settings, roles).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             app.run(shutdown).await?;
@@ -110,6 +134,12 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             }
         }
         Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,
+        Command::Tokens(TokensCommand::Reencrypt) => {
+            let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
+            let store = Store::connect(&settings.mongodb).await?;
+            let rewritten = store.tokens(Provider::Qlik, &cipher).reencrypt().await?;
+            eprintln!("re-encrypted {rewritten} token document(s) under the active key");
+        }
         Command::Tokens(TokensCommand::Import { user, expires_in }) => {
             let mut input = String::new();
             std::io::stdin().read_to_string(&mut input)?;
@@ -121,8 +151,9 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 refresh_token: imported.refresh_token,
                 expires_at: now + chrono::Duration::seconds(expires_in),
             };
+            let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
             let store = Store::connect(&settings.mongodb).await?;
-            store.tokens(Provider::Qlik).save(&user, &tokens, now).await?;
+            store.tokens(Provider::Qlik, &cipher).save(&user, &tokens, now).await?;
             eprintln!("stored tokens for user {user}, expiring at {}", tokens.expires_at.to_rfc3339());
         }
     }

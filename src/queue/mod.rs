@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-pub use publisher::{Published, Publisher};
+pub use publisher::{DEFERRALS_HEADER, Published, Publisher, REASON_HEADER};
 pub use topology::Topology;
 
 use crate::secret::Secret;
@@ -106,6 +106,8 @@ pub struct Delivery {
     pub correlation_id: Option<String>,
     pub message_id: Option<String>,
     pub redelivered: bool,
+    /// How many times the worker already deferred this job waiting for its token.
+    pub deferrals: u32,
     inner: lapin::message::Delivery,
 }
 
@@ -118,6 +120,7 @@ impl From<lapin::message::Delivery> for Delivery {
             correlation_id: text(props.correlation_id()),
             message_id: text(props.message_id()),
             redelivered: inner.redelivered,
+            deferrals: deferrals(props),
             body: std::mem::take(&mut inner.data),
             inner,
         }
@@ -139,5 +142,18 @@ impl Delivery {
 
     pub(crate) fn properties(&self) -> &lapin::BasicProperties {
         &self.inner.properties
+    }
+}
+
+fn deferrals(properties: &lapin::BasicProperties) -> u32 {
+    use lapin::types::AMQPValue;
+    let value = properties.headers().as_ref().and_then(|h| h.inner().get(DEFERRALS_HEADER).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(n),
+        Some(AMQPValue::ShortShortUInt(n)) => u32::from(n),
+        _ => 0,
     }
 }

@@ -9,6 +9,9 @@ use super::{Delivery, QueueError};
 /// Header naming why the worker dead-lettered a message.
 pub const REASON_HEADER: &str = "x-mcp-worker-reason";
 
+/// Header counting how many times a job was deferred waiting for its token.
+pub const DEFERRALS_HEADER: &str = "x-mcp-deferrals";
+
 /// Reply-to names of RabbitMQ's direct reply-to feature start with this.
 const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
 
@@ -56,6 +59,42 @@ impl Publisher {
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
         self.publish(queue, &delivery.body, properties).await
+    }
+
+    /// Puts a copy of `delivery` in the delay `queue` with its deferral count, and waits for the
+    /// confirm. The delay queue sends it back to the jobs queue when its TTL runs out.
+    #[tracing::instrument(skip_all)]
+    pub async fn defer(&self, queue: &str, delivery: &Delivery, deferrals: u32) -> Result<Published, QueueError> {
+        let original = delivery.properties();
+        let mut headers = original.headers().clone().unwrap_or_default();
+        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(deferrals));
+        let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
+        self.publish(queue, &delivery.body, properties).await
+    }
+
+    /// Publishes a persistent JSON message to `queue` and waits for the confirm.
+    #[tracing::instrument(skip_all)]
+    pub async fn send(&self, queue: &str, body: &[u8]) -> Result<Published, QueueError> {
+        let properties =
+            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
+        self.publish(queue, body, properties).await
+    }
+
+    /// Publishes a persistent JSON event to a topic exchange and waits for the confirm. An event
+    /// nobody subscribed to is dropped by the broker, which is fine for events.
+    #[tracing::instrument(skip_all)]
+    pub async fn event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), QueueError> {
+        let properties =
+            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
+        let confirm = self
+            .channel
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            _ => Err(QueueError::Nacked),
+        }
     }
 
     async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<Published, QueueError> {

@@ -1,12 +1,13 @@
-//! The queues the worker declares at start.
+//! The queues and exchange the worker declares at start.
 //!
 //! Jobs live in a durable **quorum** queue: replicated, persistent, and with a broker-enforced
 //! delivery limit, so a message that keeps failing (or keeps crashing workers) is dead-lettered
-//! after `delivery_limit` deliveries instead of looping forever.
+//! after `delivery_limit` deliveries instead of looping forever. Jobs waiting for a token refresh
+//! sit in a delay queue whose message TTL dead-letters them back into the jobs queue.
 
-use lapin::Channel;
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
 
 use super::QueueError;
 
@@ -14,31 +15,51 @@ pub struct Topology {
     pub jobs_queue: String,
     pub dead_letter_queue: String,
     pub delivery_limit: u32,
+    pub delay_queue: String,
+    pub delay_ms: u64,
+    pub refresh_queue: String,
+    pub events_exchange: String,
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
 }
 
 impl Topology {
     pub(super) async fn declare(&self, channel: &Channel) -> Result<(), QueueError> {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        let refused = |queue: &str, e: lapin::Error| {
-            QueueError::Topology(format!("queue `{queue}` (does it already exist with other arguments?): {e}"))
+        let refused = |name: &str, e: lapin::Error| {
+            QueueError::Topology(format!("`{name}` (does it already exist with other arguments?): {e}"))
+        };
+        let declare = |name: &str, args: FieldTable| {
+            let name = name.to_owned();
+            async move { channel.queue_declare(name.as_str().into(), durable, args).await.map_err(|e| refused(&name, e)) }
         };
 
-        let mut dead = FieldTable::default();
-        dead.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        channel
-            .queue_declare(self.dead_letter_queue.as_str().into(), durable, dead)
-            .await
-            .map_err(|e| refused(&self.dead_letter_queue, e))?;
+        declare(&self.dead_letter_queue, quorum()).await?;
+        declare(&self.refresh_queue, quorum()).await?;
 
-        let mut jobs = FieldTable::default();
-        jobs.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        let mut jobs = quorum();
         jobs.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));
         jobs.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
         jobs.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.dead_letter_queue.as_str().into()));
+        declare(&self.jobs_queue, jobs).await?;
+
+        // A classic queue: with one TTL for all its messages, expiry always happens at the head,
+        // so every message goes back on time.
+        let mut delay = FieldTable::default();
+        delay.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(self.delay_ms).unwrap_or(i64::MAX)));
+        delay.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        delay.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.jobs_queue.as_str().into()));
+        declare(&self.delay_queue, delay).await?;
+
+        let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
         channel
-            .queue_declare(self.jobs_queue.as_str().into(), durable, jobs)
+            .exchange_declare(self.events_exchange.as_str().into(), ExchangeKind::Topic, options, FieldTable::default())
             .await
-            .map_err(|e| refused(&self.jobs_queue, e))?;
+            .map_err(|e| refused(&self.events_exchange, e))?;
         Ok(())
     }
 }

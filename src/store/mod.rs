@@ -5,17 +5,21 @@
 //! a BSON document or a driver error type.
 
 mod migrations;
+mod states;
 mod tokens;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
-pub use tokens::{NewTokens, StoredToken, TokenStore};
+pub use states::{PendingConnect, StateStore};
+pub use tokens::{ClaimedToken, DueToken, NewTokens, StoredToken, TokenStatus, TokenStore};
 
 use crate::config::MongoSettings;
+use crate::crypto::TokenCipher;
 use crate::provider::Provider;
 
 /// How long the driver looks for a usable server before an operation fails. Short, so a job
@@ -30,6 +34,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("MongoDB rejected the operation: {0}")]
     Rejected(String),
+    #[error("a stored value cannot be read: {0}")]
+    Unreadable(String),
 }
 
 impl From<mongodb::error::Error> for StoreError {
@@ -75,8 +81,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn tokens(&self, provider: Provider) -> TokenStore {
-        TokenStore::new(&self.db, provider.token_collection())
+    pub fn tokens(&self, provider: Provider, cipher: &Arc<TokenCipher>) -> TokenStore {
+        TokenStore::new(&self.db, provider, cipher.clone())
+    }
+
+    pub fn states(&self, cipher: &Arc<TokenCipher>) -> StateStore {
+        StateStore::new(&self.db, cipher.clone())
     }
 
     /// Applies the given migrations in order; see [`migrations`] for the rules.

@@ -1,15 +1,41 @@
-//! The `qlik_tokens` collection: one document per user with exactly the fields
-//! `user_id, access_token, refresh_token, expires_at, created_at, updated_at` (dates as BSON dates).
+//! The `qlik_tokens` collection: one document per user.
+//!
+//! The seed's fields keep their names and meaning: `user_id, access_token, refresh_token,
+//! expires_at, created_at, updated_at` (dates as BSON dates), with the two token values sealed by
+//! [`TokenCipher`]. Added for the refresher: `status` (`active` or `reauth_required`), `version`
+//! (incremented by every write, the fence of compare-and-swap), while a replica holds a lease
+//! `lease_owner` and `lease_until`, and after transient refresh failures `refresh_failures`.
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use mongodb::Collection;
-use mongodb::bson::{self, doc};
+use mongodb::bson::{self, Document, doc};
+use mongodb::options::ReturnDocument;
 use serde::Deserialize;
 
 use super::StoreError;
+use crate::crypto::TokenCipher;
+use crate::provider::Provider;
 use crate::secret::Secret;
 
-/// A user's tokens as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenStatus {
+    Active,
+    /// The provider refused the refresh token for good; only a new connect flow helps.
+    ReauthRequired,
+}
+
+impl TokenStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenStatus::Active => "active",
+            TokenStatus::ReauthRequired => "reauth_required",
+        }
+    }
+}
+
+/// A user's tokens as stored, decrypted.
 #[derive(Debug, Clone)]
 pub struct StoredToken {
     pub user_id: String,
@@ -18,6 +44,8 @@ pub struct StoredToken {
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub status: TokenStatus,
+    pub version: i64,
 }
 
 /// Tokens to store for a user, as an OAuth token response yields them.
@@ -28,8 +56,28 @@ pub struct NewTokens {
     pub expires_at: DateTime<Utc>,
 }
 
-/// The document as MongoDB holds it. Unknown fields are ignored so later schema additions do not
-/// break a running older binary.
+/// A token the refresher may renew.
+#[derive(Debug, Clone)]
+pub struct DueToken {
+    pub user_id: String,
+    pub expires_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// A token this replica holds the lease on. Writes made with it succeed only while the document
+/// still has this version and this refresh token (compare-and-swap).
+#[derive(Debug, Clone)]
+pub struct ClaimedToken {
+    pub user_id: String,
+    pub refresh_token: Secret<String>,
+    pub expires_at: DateTime<Utc>,
+    /// Transient failures in a row before this claim, for the backoff.
+    pub failures: u32,
+    version: i64,
+    sealed_refresh_token: String,
+    owner: String,
+}
+
 #[derive(Deserialize)]
 struct TokenDocument {
     user_id: String,
@@ -38,40 +86,73 @@ struct TokenDocument {
     expires_at: bson::DateTime,
     created_at: bson::DateTime,
     updated_at: bson::DateTime,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    version: i64,
+    #[serde(default)]
+    refresh_failures: u32,
 }
 
 #[derive(Clone)]
 pub struct TokenStore {
     collection: Collection<TokenDocument>,
+    raw: Collection<Document>,
+    cipher: Arc<TokenCipher>,
+    name: &'static str,
 }
 
-fn bson_date(at: DateTime<Utc>) -> bson::DateTime {
+pub(super) fn bson_date(at: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(at.timestamp_millis())
 }
 
-fn chrono_date(at: bson::DateTime) -> DateTime<Utc> {
+pub(super) fn chrono_date(at: bson::DateTime) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 impl TokenStore {
-    pub(super) fn new(db: &mongodb::Database, name: &str) -> Self {
-        Self { collection: db.collection(name) }
+    pub(super) fn new(db: &mongodb::Database, provider: Provider, cipher: Arc<TokenCipher>) -> Self {
+        let name = provider.token_collection();
+        Self { collection: db.collection(name), raw: db.collection(name), cipher, name }
     }
 
-    /// Inserts or replaces the user's tokens; `created_at` keeps its first value.
+    /// Associated data binding a sealed value to its collection, user and field.
+    fn context(&self, user_id: &str, field: &str) -> String {
+        format!("{}/{user_id}/{field}", self.name)
+    }
+
+    fn seal_tokens(&self, user_id: &str, tokens: &NewTokens) -> (String, String) {
+        (
+            self.cipher.seal(&tokens.access_token, &self.context(user_id, "access_token")),
+            self.cipher.seal(&tokens.refresh_token, &self.context(user_id, "refresh_token")),
+        )
+    }
+
+    fn open(&self, user_id: &str, field: &str, stored: &str) -> Result<Secret<String>, StoreError> {
+        self.cipher
+            .open(stored, &self.context(user_id, field))
+            .map_err(|e| StoreError::Unreadable(format!("{field} of a stored token: {e}")))
+    }
+
+    /// Inserts or replaces the user's tokens (a new connection): status active, lease dropped,
+    /// version bumped; `created_at` keeps its first value.
     #[tracing::instrument(skip_all)]
     pub async fn save(&self, user_id: &str, tokens: &NewTokens, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.collection
+        let (access, refresh) = self.seal_tokens(user_id, tokens);
+        self.raw
             .update_one(
                 doc! { "user_id": user_id },
                 doc! {
                     "$set": {
-                        "access_token": tokens.access_token.expose(),
-                        "refresh_token": tokens.refresh_token.expose(),
+                        "access_token": access,
+                        "refresh_token": refresh,
                         "expires_at": bson_date(tokens.expires_at),
                         "updated_at": bson_date(now),
+                        "status": TokenStatus::Active.as_str(),
                     },
                     "$setOnInsert": { "created_at": bson_date(now) },
+                    "$inc": { "version": 1_i64 },
+                    "$unset": { "lease_owner": "", "lease_until": "", "refresh_failures": "" },
                 },
             )
             .upsert(true)
@@ -81,21 +162,183 @@ impl TokenStore {
 
     #[tracing::instrument(skip_all)]
     pub async fn get(&self, user_id: &str) -> Result<Option<StoredToken>, StoreError> {
-        let found = self.collection.find_one(doc! { "user_id": user_id }).await?;
-        Ok(found.map(|d| StoredToken {
-            user_id: d.user_id,
-            access_token: Secret::new(d.access_token),
-            refresh_token: Secret::new(d.refresh_token),
+        let Some(d) = self.collection.find_one(doc! { "user_id": user_id }).await? else {
+            return Ok(None);
+        };
+        Ok(Some(StoredToken {
+            access_token: self.open(&d.user_id, "access_token", &d.access_token)?,
+            refresh_token: self.open(&d.user_id, "refresh_token", &d.refresh_token)?,
             expires_at: chrono_date(d.expires_at),
             created_at: chrono_date(d.created_at),
             updated_at: chrono_date(d.updated_at),
+            status: match d.status.as_deref() {
+                Some("reauth_required") => TokenStatus::ReauthRequired,
+                _ => TokenStatus::Active,
+            },
+            version: d.version,
+            user_id: d.user_id,
         }))
     }
 
     /// Deletes the user's tokens; `false` when there were none.
     #[tracing::instrument(skip_all)]
     pub async fn delete(&self, user_id: &str) -> Result<bool, StoreError> {
-        let result = self.collection.delete_one(doc! { "user_id": user_id }).await?;
+        let result = self.raw.delete_one(doc! { "user_id": user_id }).await?;
         Ok(result.deleted_count > 0)
+    }
+
+    /// Active tokens expiring before `until` that nobody holds a lease on, soonest first. Runs
+    /// on the `expires_at` index, so its cost follows the number of due tokens.
+    #[tracing::instrument(skip_all)]
+    pub async fn due(&self, now: DateTime<Utc>, until: DateTime<Utc>, limit: i64) -> Result<Vec<DueToken>, StoreError> {
+        let filter = doc! {
+            "expires_at": { "$lte": bson_date(until) },
+            "status": { "$ne": TokenStatus::ReauthRequired.as_str() },
+            "$or": [ { "lease_until": { "$exists": false } }, { "lease_until": { "$lte": bson_date(now) } } ],
+        };
+        let mut cursor = self
+            .raw
+            .find(filter)
+            .sort(doc! { "expires_at": 1 })
+            .limit(limit)
+            .projection(doc! { "user_id": 1, "expires_at": 1, "version": 1 })
+            .await?;
+        let mut due = Vec::new();
+        while cursor.advance().await? {
+            let d = cursor.current();
+            let (Ok(user_id), Ok(expires_at)) = (d.get_str("user_id"), d.get_datetime("expires_at")) else { continue };
+            due.push(DueToken {
+                user_id: user_id.to_owned(),
+                expires_at: chrono_date(expires_at),
+                version: d.get_i64("version").unwrap_or(0),
+            });
+        }
+        Ok(due)
+    }
+
+    /// Takes the lease on a due token if it is still at `version`, active and unleased. `None`
+    /// when another replica got there first or the token changed since the scan.
+    #[tracing::instrument(skip_all)]
+    pub async fn claim(
+        &self,
+        due: &DueToken,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> Result<Option<ClaimedToken>, StoreError> {
+        let filter = doc! {
+            "user_id": &due.user_id,
+            "version": due.version,
+            "status": { "$ne": TokenStatus::ReauthRequired.as_str() },
+            "$or": [ { "lease_until": { "$exists": false } }, { "lease_until": { "$lte": bson_date(now) } } ],
+        };
+        let update = doc! {
+            "$set": { "lease_owner": owner, "lease_until": bson_date(now + lease) },
+            "$inc": { "version": 1_i64 },
+        };
+        let claimed = self.collection.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
+        let Some(d) = claimed else { return Ok(None) };
+        Ok(Some(ClaimedToken {
+            refresh_token: self.open(&d.user_id, "refresh_token", &d.refresh_token)?,
+            expires_at: chrono_date(d.expires_at),
+            failures: d.refresh_failures,
+            version: d.version,
+            sealed_refresh_token: d.refresh_token,
+            owner: owner.to_owned(),
+            user_id: d.user_id,
+        }))
+    }
+
+    /// The filter of every write made under a lease: same version, same refresh token, same owner.
+    fn fenced(claimed: &ClaimedToken) -> Document {
+        doc! {
+            "user_id": &claimed.user_id,
+            "version": claimed.version,
+            "refresh_token": &claimed.sealed_refresh_token,
+            "lease_owner": &claimed.owner,
+        }
+    }
+
+    /// Stores refreshed tokens if the lease still holds. `false` means the document moved on
+    /// (reconnected, deleted, or taken over after the lease ran out) and nothing was written.
+    #[tracing::instrument(skip_all)]
+    pub async fn complete_refresh(&self, claimed: &ClaimedToken, tokens: &NewTokens, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let (access, refresh) = self.seal_tokens(&claimed.user_id, tokens);
+        let update = doc! {
+            "$set": {
+                "access_token": access,
+                "refresh_token": refresh,
+                "expires_at": bson_date(tokens.expires_at),
+                "updated_at": bson_date(now),
+            },
+            "$inc": { "version": 1_i64 },
+            "$unset": { "lease_owner": "", "lease_until": "", "refresh_failures": "" },
+        };
+        Ok(self.raw.update_one(Self::fenced(claimed), update).await?.modified_count == 1)
+    }
+
+    /// Marks the token as needing a new connect flow, if the lease still holds.
+    #[tracing::instrument(skip_all)]
+    pub async fn mark_reauth_required(&self, claimed: &ClaimedToken, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let update = doc! {
+            "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
+            "$inc": { "version": 1_i64 },
+            "$unset": { "lease_owner": "", "lease_until": "" },
+        };
+        Ok(self.raw.update_one(Self::fenced(claimed), update).await?.modified_count == 1)
+    }
+
+    /// Gives the lease back after a transient failure, keeping others off the token until
+    /// `retry_at` (the lease doubles as the backoff, shared by all replicas).
+    #[tracing::instrument(skip_all)]
+    pub async fn release(&self, claimed: &ClaimedToken, retry_at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let update = doc! {
+            "$set": { "lease_until": bson_date(retry_at) },
+            "$inc": { "version": 1_i64, "refresh_failures": 1_i32 },
+        };
+        Ok(self.raw.update_one(Self::fenced(claimed), update).await?.modified_count == 1)
+    }
+
+    /// Asks for an early refresh: makes the token due now, unless a replica holds its lease.
+    #[tracing::instrument(skip_all)]
+    pub async fn request_refresh(&self, user_id: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let filter = doc! {
+            "user_id": user_id,
+            "$or": [ { "lease_until": { "$exists": false } }, { "lease_until": { "$lte": bson_date(now) } } ],
+        };
+        self.raw.update_one(filter, doc! { "$unset": { "lease_until": "" } }).await?;
+        Ok(())
+    }
+
+    /// Re-seals every value not sealed with the active key. Each document is rewritten only if it
+    /// did not change meanwhile (by version), so a concurrent refresh is never undone. Returns how
+    /// many documents were re-sealed.
+    pub async fn reencrypt(&self) -> Result<u64, StoreError> {
+        let TokenCipher::Sealed(ring) = self.cipher.as_ref() else {
+            return Err(StoreError::Unreadable("no encryption key is configured".into()));
+        };
+        let mut cursor = self.collection.find(doc! {}).await?;
+        let mut rewritten = 0;
+        while cursor.advance().await? {
+            let d = cursor.deserialize_current()?;
+            if ring.is_current(&d.access_token) && ring.is_current(&d.refresh_token) {
+                continue;
+            }
+            let tokens = NewTokens {
+                access_token: self.open(&d.user_id, "access_token", &d.access_token)?,
+                refresh_token: self.open(&d.user_id, "refresh_token", &d.refresh_token)?,
+                expires_at: chrono_date(d.expires_at),
+            };
+            let (access, refresh) = self.seal_tokens(&d.user_id, &tokens);
+            let result = self
+                .raw
+                .update_one(
+                    doc! { "user_id": &d.user_id, "version": d.version },
+                    doc! { "$set": { "access_token": access, "refresh_token": refresh }, "$inc": { "version": 1_i64 } },
+                )
+                .await?;
+            rewritten += result.modified_count;
+        }
+        Ok(rewritten)
     }
 }

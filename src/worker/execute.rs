@@ -1,12 +1,18 @@
-//! From a delivered message to what should happen to it: which reply goes where, and whether the
-//! message is also dead-lettered. Nothing here acks or publishes; [`super::Worker`] does that.
+//! From a delivered message to what should happen to it: which reply goes where, whether the
+//! message is dead-lettered, or whether it waits for its user's token. Nothing here acks or
+//! publishes replies; [`super::Worker`] does that.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::Worker;
-use super::policy::{self, DeadlinePassed};
+use super::policy::{self, DeadlinePassed, TokenVerdict};
 use crate::job::{self, ErrorCode, InvalidJob, Job, Reply};
+use crate::provider::Provider;
 use crate::queue::Delivery;
+use crate::registry::{CredentialHeader, ServerSpec};
+use crate::store::TokenStatus;
 
 /// What to do with one delivery.
 #[derive(Debug)]
@@ -16,6 +22,9 @@ pub(super) enum Disposition {
     /// Publish `reply` if there is a target, copy the message to the dead-letter queue with
     /// `reason`, then ack.
     DeadLetter { reason: String, to: Option<ReplyTarget>, reply: Reply },
+    /// Put the job in the delay queue (its `deferrals`-th wait), then ack; it comes back when
+    /// the refresher has had time to renew the user's token.
+    Defer { deferrals: u32, provider: Provider, user_id: String },
 }
 
 #[derive(Debug, Clone)]
@@ -25,11 +34,20 @@ pub(super) struct ReplyTarget {
 }
 
 impl Disposition {
-    pub(super) fn reply(&self) -> &Reply {
+    /// `ok`, the error code, or `deferred`: for the job's log line.
+    pub(super) fn outcome(&self) -> &'static str {
         match self {
-            Disposition::Reply { reply, .. } | Disposition::DeadLetter { reply, .. } => reply,
+            Disposition::Reply { reply, .. } | Disposition::DeadLetter { reply, .. } => reply.outcome(),
+            Disposition::Defer { .. } => "deferred",
         }
     }
+}
+
+/// The token lookup's result.
+enum Credential {
+    Header(Option<CredentialHeader>),
+    Refresh(Provider),
+    Refused(Reply),
 }
 
 impl Worker {
@@ -43,46 +61,75 @@ impl Worker {
             let reply = Reply::error(Some(&job.job_id), ErrorCode::InvalidJob, reason.clone());
             return (Some(job), Disposition::DeadLetter { reason, to: None, reply });
         };
-        let correlation_id = delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone()));
-        let reply = self.execute(&job, now).await;
-        (Some(job), Disposition::Reply { to: ReplyTarget { queue, correlation_id }, reply })
+        let to = ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
+        let disposition = match self.execute(&job, now).await {
+            Ok(reply) => Disposition::Reply { to, reply },
+            Err(provider) if delivery.deferrals < self.config.max_deferrals => {
+                Disposition::Defer { deferrals: delivery.deferrals + 1, provider, user_id: job.user_id.clone() }
+            }
+            Err(provider) => {
+                let message = format!("the user's {provider} token could not be renewed in time; try again later");
+                Disposition::Reply { to, reply: Reply::error(Some(&job.job_id), ErrorCode::TokenUnavailable, message).with_provider(provider) }
+            }
+        };
+        (Some(job), disposition)
     }
 
-    /// Runs a valid job and says how it went. Never fails: every failure is an error reply.
-    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Reply {
+    /// Runs a valid job and says how it went: a reply, or `Err(provider)` when the job must wait
+    /// for that provider's token to be refreshed.
+    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Result<Reply, Provider> {
         let id = Some(job.job_id.as_str());
         let Some(server) = self.registry.route(&job.tool) else {
-            return Reply::error(id, ErrorCode::UnknownTool, format!("no MCP server serves the tool `{}`", job.tool));
+            return Ok(Reply::error(id, ErrorCode::UnknownTool, format!("no MCP server serves the tool `{}`", job.tool)));
         };
-        if policy::call_budget(now, job.deadline, self.config.call_timeout).is_err() {
-            return deadline_exceeded(job);
-        }
-        let credential = match &server.auth {
-            None => None,
-            Some(auth) => match self.store.tokens(auth.provider).get(&job.user_id).await {
-                Ok(Some(token)) => match auth.credential(&token.access_token) {
-                    Ok(credential) => Some(credential),
-                    Err(e) => return Reply::error(id, ErrorCode::Internal, e.to_string()).with_provider(auth.provider),
-                },
-                Ok(None) => {
-                    let message = format!("the user has not connected {}; send them through the connect flow", auth.provider);
-                    return Reply::error(id, ErrorCode::NotConnected, message).with_provider(auth.provider);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "token lookup failed");
-                    return Reply::error(id, ErrorCode::Internal, "the token store is unavailable");
-                }
-            },
+        let Ok(budget) = policy::call_budget(now, job.deadline, self.config.call_timeout) else {
+            return Ok(deadline_exceeded(job));
+        };
+        let credential = match self.credential(server, job, now, budget.timeout).await {
+            Credential::Header(header) => header,
+            Credential::Refresh(provider) => return Err(provider),
+            Credential::Refused(reply) => return Ok(reply),
         };
         // The token lookup took time; what is left of the deadline is measured again.
         let budget = match policy::call_budget(Utc::now(), job.deadline, self.config.call_timeout) {
             Ok(budget) => budget,
-            Err(DeadlinePassed) => return deadline_exceeded(job),
+            Err(DeadlinePassed) => return Ok(deadline_exceeded(job)),
         };
         let client = self.mcp.get(&server.name).expect("every routed server has a client");
-        match client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await {
+        Ok(match client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await {
             Ok(result) => Reply::ok(&job.job_id, result),
             Err(e) => Reply::error(id, policy::error_code(&e, budget), e.to_string()),
+        })
+    }
+
+    /// The header carrying the user's token, if the server needs one. Never waits on OAuth: a
+    /// token that would expire during the call is left to the refresher.
+    async fn credential(&self, server: &ServerSpec, job: &Job, now: DateTime<Utc>, call: Duration) -> Credential {
+        let Some(auth) = &server.auth else { return Credential::Header(None) };
+        let id = Some(job.job_id.as_str());
+        let provider = auth.provider;
+        let token = match self.store.tokens(provider, &self.cipher).get(&job.user_id).await {
+            Ok(Some(token)) => token,
+            Ok(None) => {
+                let message = format!("the user has not connected {provider}; send them through the connect flow");
+                return Credential::Refused(Reply::error(id, ErrorCode::NotConnected, message).with_provider(provider));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "token lookup failed");
+                return Credential::Refused(Reply::error(id, ErrorCode::Internal, "the token store is unavailable"));
+            }
+        };
+        let min_remaining = call + self.config.clock_skew;
+        match policy::token_verdict(now, token.expires_at, token.status == TokenStatus::ReauthRequired, min_remaining) {
+            TokenVerdict::Use => match auth.credential(&token.access_token) {
+                Ok(header) => Credential::Header(Some(header)),
+                Err(e) => Credential::Refused(Reply::error(id, ErrorCode::Internal, e.to_string()).with_provider(provider)),
+            },
+            TokenVerdict::Refresh => Credential::Refresh(provider),
+            TokenVerdict::ReauthRequired => {
+                let message = format!("the user's {provider} authorization was revoked or expired; send them through the connect flow");
+                Credential::Refused(Reply::error(id, ErrorCode::ReauthRequired, message).with_provider(provider))
+            }
         }
     }
 }

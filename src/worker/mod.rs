@@ -16,7 +16,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::crypto::TokenCipher;
 use crate::mcp::McpClients;
+use crate::messages::RefreshRequest;
+use crate::provider::Provider;
 use crate::queue::{Delivery, Jobs, Published, Publisher, QueueError};
 use crate::registry::Registry;
 use crate::store::Store;
@@ -29,12 +32,18 @@ pub struct WorkerConfig {
     pub max_job_bytes: usize,
     pub call_timeout: Duration,
     pub dead_letter_queue: String,
+    /// Added to the call's budget: a token must be valid this much longer than the call may take.
+    pub clock_skew: Duration,
+    pub max_deferrals: u32,
+    pub delay_queue: String,
+    pub refresh_queue: String,
 }
 
 pub struct Worker {
     config: WorkerConfig,
     registry: Arc<Registry>,
     store: Store,
+    cipher: Arc<TokenCipher>,
     mcp: Arc<McpClients>,
     publisher: Publisher,
 }
@@ -46,8 +55,15 @@ pub enum WorkerError {
 }
 
 impl Worker {
-    pub fn new(config: WorkerConfig, registry: Arc<Registry>, store: Store, mcp: Arc<McpClients>, publisher: Publisher) -> Self {
-        Self { config, registry, store, mcp, publisher }
+    pub fn new(
+        config: WorkerConfig,
+        registry: Arc<Registry>,
+        store: Store,
+        cipher: Arc<TokenCipher>,
+        mcp: Arc<McpClients>,
+        publisher: Publisher,
+    ) -> Self {
+        Self { config, registry, store, cipher, mcp, publisher }
     }
 
     /// Consumes until `shutdown` fires, then stops taking jobs and waits for the ones in flight.
@@ -99,7 +115,7 @@ impl Worker {
             span.record("job_id", job.job_id.as_str());
             span.record("tool", job.tool.as_str());
         }
-        let outcome = disposition.reply().outcome();
+        let outcome = disposition.outcome();
         match self.settle(&delivery, &disposition).await {
             Ok(()) => {
                 let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -126,8 +142,22 @@ impl Worker {
                 }
                 self.publisher.dead_letter(&self.config.dead_letter_queue, delivery, reason).await?;
             }
+            Disposition::Defer { deferrals, provider, user_id } => {
+                self.request_refresh(*provider, user_id).await;
+                self.publisher.defer(&self.config.delay_queue, delivery, *deferrals).await?;
+            }
         }
         delivery.ack().await
+    }
+
+    /// Asks the refresher to renew the user's token now. Best effort: if the request is lost, the
+    /// refresher's next scan finds the token anyway, since it expires within the lead time.
+    async fn request_refresh(&self, provider: Provider, user_id: &str) {
+        let request = RefreshRequest { provider, user_id: user_id.to_owned() };
+        let body = serde_json::to_vec(&request).expect("a refresh request serializes");
+        if let Err(e) = self.publisher.send(&self.config.refresh_queue, &body).await {
+            tracing::warn!(error = %e, "could not ask the refresher for an early refresh");
+        }
     }
 
     async fn publish_reply(&self, to: &ReplyTarget, body: &[u8]) -> Result<(), QueueError> {

@@ -37,6 +37,28 @@ pub fn call_budget(now: DateTime<Utc>, deadline: Option<DateTime<Utc>>, call_tim
     })
 }
 
+/// Whether a stored token can go on this job's call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenVerdict {
+    Use,
+    /// Expired or about to: the refresher must renew it first; the job waits.
+    Refresh,
+    /// The provider refused the grant; only the user reconnecting helps.
+    ReauthRequired,
+}
+
+/// A token is usable when it stays valid for the whole call: at least `min_remaining` (the call's
+/// budget plus clock skew) must be left of it.
+pub fn token_verdict(now: DateTime<Utc>, expires_at: DateTime<Utc>, reauth_required: bool, min_remaining: Duration) -> TokenVerdict {
+    if reauth_required {
+        return TokenVerdict::ReauthRequired;
+    }
+    match (expires_at - now).to_std() {
+        Ok(left) if left >= min_remaining => TokenVerdict::Use,
+        _ => TokenVerdict::Refresh,
+    }
+}
+
 /// The reply's error code for a failed call.
 pub fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
     match error {
@@ -75,6 +97,16 @@ mod tests {
     fn a_passed_or_current_deadline_stops_the_job() {
         assert_eq!(call_budget(at(10), Some(at(5)), TIMEOUT), Err(DeadlinePassed));
         assert_eq!(call_budget(at(5), Some(at(5)), TIMEOUT), Err(DeadlinePassed));
+    }
+
+    #[test]
+    fn a_token_must_outlive_the_call() {
+        let need = Duration::from_secs(60);
+        assert_eq!(token_verdict(at(0), at(61), false, need), TokenVerdict::Use);
+        assert_eq!(token_verdict(at(0), at(60), false, need), TokenVerdict::Use);
+        assert_eq!(token_verdict(at(0), at(59), false, need), TokenVerdict::Refresh);
+        assert_eq!(token_verdict(at(100), at(0), false, need), TokenVerdict::Refresh, "expired");
+        assert_eq!(token_verdict(at(0), at(9999), true, need), TokenVerdict::ReauthRequired);
     }
 
     #[test]

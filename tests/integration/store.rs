@@ -3,17 +3,21 @@
 use chrono::{Duration, Utc};
 use mcp_worker::provider::Provider;
 use mcp_worker::secret::Secret;
-use mcp_worker::store::{NewTokens, Store, embedded_migrations};
+use std::sync::Arc;
+
+use mcp_worker::crypto::TokenCipher;
+use mcp_worker::store::{NewTokens, Store, TokenStore, embedded_migrations};
 use mongodb::bson::{Bson, Document, doc};
 
 use crate::support::test_settings;
 
-async fn migrated() -> (Store, mongodb::Collection<Document>) {
+async fn migrated() -> (TokenStore, mongodb::Collection<Document>) {
     let settings = test_settings("http://127.0.0.1:9/mcp", &[]);
     let store = Store::connect(&settings.mongodb).await.unwrap();
+    let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     store.migrate(&embedded_migrations().unwrap()).await.unwrap();
     let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose()).await.unwrap().database(&settings.mongodb.database);
-    (store, db.collection("qlik_tokens"))
+    (store.tokens(Provider::Qlik, &cipher), db.collection("qlik_tokens"))
 }
 
 fn tokens(access: &str, expires_in: Duration) -> NewTokens {
@@ -25,21 +29,24 @@ fn tokens(access: &str, expires_in: Duration) -> NewTokens {
 }
 
 #[tokio::test]
-async fn a_saved_token_has_exactly_the_seed_fields_with_bson_dates() {
-    let (store, raw) = migrated().await;
-    let tokens_store = store.tokens(Provider::Qlik);
+async fn a_saved_token_has_the_seed_fields_with_bson_dates_and_no_plaintext() {
+    let (tokens_store, raw) = migrated().await;
     let now = Utc::now();
     tokens_store.save("u1", &tokens("a1", Duration::hours(6)), now).await.unwrap();
 
     let document = raw.find_one(doc! { "user_id": "u1" }).await.unwrap().unwrap();
     let mut keys: Vec<&str> = document.keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["_id", "access_token", "created_at", "expires_at", "refresh_token", "updated_at", "user_id"]);
+    // The seed's six fields (and _id), plus the refresher's status and version fence.
+    assert_eq!(keys, ["_id", "access_token", "created_at", "expires_at", "refresh_token", "status", "updated_at", "user_id", "version"]);
     for field in ["expires_at", "created_at", "updated_at"] {
         assert!(matches!(document.get(field), Some(Bson::DateTime(_))), "{field} is {:?}", document.get(field));
     }
-    assert_eq!(document.get_str("access_token").unwrap(), "a1");
-    assert_eq!(document.get_str("refresh_token").unwrap(), "r-a1");
+    assert_eq!(document.get_str("status").unwrap(), "active");
+    let access = document.get_str("access_token").unwrap();
+    let refresh = document.get_str("refresh_token").unwrap();
+    assert!(access.starts_with("v1.test1.") && !access.contains("a1"), "{access}");
+    assert!(refresh.starts_with("v1.test1.") && !refresh.contains("r-a1"), "{refresh}");
 
     let read = tokens_store.get("u1").await.unwrap().unwrap();
     assert_eq!(read.access_token.expose(), "a1");
@@ -48,8 +55,7 @@ async fn a_saved_token_has_exactly_the_seed_fields_with_bson_dates() {
 
 #[tokio::test]
 async fn saving_again_replaces_tokens_but_keeps_created_at() {
-    let (store, _raw) = migrated().await;
-    let tokens_store = store.tokens(Provider::Qlik);
+    let (tokens_store, _raw) = migrated().await;
     let first = Utc::now() - Duration::minutes(10);
     tokens_store.save("u1", &tokens("a1", Duration::hours(6)), first).await.unwrap();
     let later = Utc::now();
@@ -63,8 +69,7 @@ async fn saving_again_replaces_tokens_but_keeps_created_at() {
 
 #[tokio::test]
 async fn delete_removes_the_document_and_reports_whether_there_was_one() {
-    let (store, _raw) = migrated().await;
-    let tokens_store = store.tokens(Provider::Qlik);
+    let (tokens_store, _raw) = migrated().await;
     tokens_store.save("u1", &tokens("a1", Duration::hours(6)), Utc::now()).await.unwrap();
     assert!(tokens_store.delete("u1").await.unwrap());
     assert!(tokens_store.get("u1").await.unwrap().is_none());

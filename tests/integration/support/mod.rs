@@ -12,7 +12,10 @@ use figment::providers::Serialized;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use mcp_worker::app::App;
+use std::sync::Arc;
+
+use mcp_worker::app::{App, Roles};
+use mcp_worker::crypto::TokenCipher;
 use mcp_worker::config::Settings;
 use mcp_worker::provider::Provider;
 use mcp_worker::secret::Secret;
@@ -21,6 +24,12 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
+
+/// The encryption key of every test (base64 of 32 bytes).
+pub const TEST_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktMzJieXQ=";
+
+/// The service key internal endpoints expect in tests.
+pub const SERVICE_KEY: &str = "test-service-key";
 
 /// How long a test waits for a reply before failing.
 pub const REPLY_WAIT: Duration = Duration::from_secs(30);
@@ -36,7 +45,11 @@ pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
         .merge(Serialized::default("amqp.dead_letter_queue", format!("t.{id}.dead")))
         .merge(Serialized::default("mcp.call_timeout_ms", 10_000))
         .merge(Serialized::default("mcp.servers.qlik.url", mcp_url))
-        .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo", "sleep"] })));
+        .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo", "sleep"] })))
+        .merge(Serialized::default("encryption.active_key", "test1"))
+        .merge(Serialized::default("encryption.keys", json!({ "test1": TEST_KEY })))
+        .merge(Serialized::default("http.listen", "127.0.0.1:0"))
+        .merge(Serialized::default("http.service_key", SERVICE_KEY));
     for (key, value) in overrides {
         figment = figment.merge(Serialized::default(key, value.clone()));
     }
@@ -47,6 +60,9 @@ pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
 pub struct TestApp {
     pub settings: Settings,
     pub store: Store,
+    pub cipher: Arc<TokenCipher>,
+    /// Base URL of the HTTP API, e.g. `http://127.0.0.1:41234`.
+    pub api: String,
     pub channel: Channel,
     pub reply_queue: String,
     shutdown: CancellationToken,
@@ -63,7 +79,9 @@ pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestA
     let store = Store::connect(&settings.mongodb).await.unwrap();
     store.ping().await.expect("MongoDB (SecantusDB) is not reachable: run scripts/services up");
     mcp_worker::app::migrate(&settings).await.expect("migrations apply");
-    let app = App::build(&settings).await.expect("the worker starts (is RabbitMQ up? run scripts/services up)");
+    let app = App::build(&settings, Roles::all()).await.expect("the worker starts (is RabbitMQ up? run scripts/services up)");
+    let api = format!("http://{}", app.api_addr().expect("the API runs"));
+    let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(app.run(shutdown.clone()));
 
@@ -74,7 +92,7 @@ pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestA
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let reply_queue = format!("{}.replies", settings.amqp.jobs_queue);
     declare_queue(&channel, &reply_queue, FieldTable::default()).await;
-    TestApp { settings, store, channel, reply_queue, shutdown, worker: Some(worker), _connection: connection }
+    TestApp { settings, store, cipher, api, channel, reply_queue, shutdown, worker: Some(worker), _connection: connection }
 }
 
 /// Declares a non-durable queue that goes away with the connection.
@@ -151,7 +169,7 @@ impl TestApp {
             refresh_token: Secret::new(format!("refresh-{access_token}")),
             expires_at: now + chrono::Duration::hours(6),
         };
-        self.store.tokens(Provider::Qlik).save(user, &tokens, now).await.unwrap();
+        self.store.tokens(Provider::Qlik, &self.cipher).save(user, &tokens, now).await.unwrap();
     }
 
     /// Stops the worker and waits for it, failing the test if it ended with an error.

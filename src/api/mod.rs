@@ -1,0 +1,110 @@
+//! The HTTP API (axum): the OAuth connect flow, disconnect and connection status.
+//!
+//! Internal endpoints (called by the chat backend) require `Authorization: Bearer <http.service_key>`,
+//! compared in constant time; the callback is public because the user's browser lands on it.
+
+mod connect;
+mod connections;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::crypto::TokenCipher;
+use crate::messages::{TokenEvent, TokenEventKind};
+use crate::oauth::OAuthClient;
+use crate::provider::Provider;
+use crate::queue::Publisher;
+use crate::secret::Secret;
+use crate::store::Store;
+
+/// What the handlers share.
+pub struct ApiState {
+    pub store: Store,
+    pub cipher: Arc<TokenCipher>,
+    pub oauth: HashMap<Provider, Arc<OAuthClient>>,
+    pub publisher: Publisher,
+    pub events_exchange: String,
+    pub service_key: Secret<String>,
+    pub default_return_to: String,
+    pub return_to_allowlist: Vec<reqwest::Url>,
+    pub state_ttl: chrono::Duration,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/connections/{provider}/authorize", post(connect::authorize))
+        .route("/v1/connections/{provider}/callback", get(connect::callback))
+        .route("/v1/connections/{provider}/{user_id}", get(connections::status).delete(connections::disconnect))
+        .route("/v1/connected", get(connect::landing))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ApiState>, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+impl ApiState {
+    /// Whether the request carries the service key. An empty configured key admits nobody.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let expected = self.service_key.expose().as_bytes();
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::as_bytes);
+        match presented {
+            Some(presented) if !expected.is_empty() => bool::from(presented.ct_eq(expected)),
+            _ => false,
+        }
+    }
+
+    fn client(&self, provider: &str) -> Result<(Provider, &Arc<OAuthClient>), Response> {
+        let provider = match provider {
+            "qlik" => Provider::Qlik,
+            _ => return Err(problem(StatusCode::NOT_FOUND, "unknown provider")),
+        };
+        self.oauth
+            .get(&provider)
+            .map(|client| (provider, client))
+            .ok_or_else(|| problem(StatusCode::NOT_FOUND, "this provider is not configured"))
+    }
+
+    async fn emit(&self, kind: TokenEventKind, provider: Provider, user_id: &str, reason: &str) {
+        let event = TokenEvent { user_id: user_id.to_owned(), provider, at: chrono::Utc::now(), reason: reason.to_owned() };
+        let body = serde_json::to_vec(&event).expect("an event serializes");
+        if let Err(e) = self.publisher.event(&self.events_exchange, kind.routing_key(), &body).await {
+            tracing::warn!(error = %e, event = kind.routing_key(), "could not publish a token event");
+        }
+    }
+}
+
+/// A JSON error body for the internal endpoints: `{"error": "..."}`.
+fn problem(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(serde_json::json!({ "error": "missing or wrong service key" })),
+    )
+        .into_response()
+}
+
+/// A small HTML page for the browser-facing endpoints. `message` is one of our own fixed texts.
+fn page(status: StatusCode, title: &str, message: &str) -> Response {
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+         <body><h1>{title}</h1><p>{message}</p></body></html>"
+    );
+    (status, [(header::CACHE_CONTROL, "no-store")], Html(body)).into_response()
+}

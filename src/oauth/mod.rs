@@ -1,0 +1,236 @@
+//! OAuth 2.0 with a provider: the only module that speaks OAuth, on the `oauth2` crate.
+//!
+//! [`OAuthClient`] builds authorization URLs (PKCE S256, RFC 7636), exchanges codes and refresh
+//! tokens (RFC 6749) and revokes refresh tokens (RFC 7009). HTTP goes through the service's own
+//! reqwest client; the status code of a failed request is kept so [`failure::classify`] can tell a
+//! dead grant from an outage.
+
+pub mod failure;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use oauth2::basic::{BasicClient, BasicErrorResponse};
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet, HttpRequest,
+    HttpResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, RevocationUrl,
+    Scope, StandardRevocableToken, TokenResponse, TokenUrl,
+};
+
+pub use failure::FailureKind;
+
+use crate::config::{ClientAuth, ConfigError, ProviderSettings};
+use crate::provider::Provider;
+use crate::secret::Secret;
+use crate::store::NewTokens;
+
+type Client = BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointSet, EndpointSet>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{provider} token endpoint: {detail}")]
+pub struct OAuthError {
+    pub provider: Provider,
+    pub kind: FailureKind,
+    /// For logs: the status and the RFC error code, never a token or the response body.
+    pub detail: String,
+}
+
+/// An authorization URL and the PKCE verifier to keep until the callback.
+pub struct AuthorizeRequest {
+    pub url: String,
+    pub pkce_verifier: Secret<String>,
+}
+
+pub struct OAuthClient {
+    provider: Provider,
+    client: Client,
+    http: reqwest::Client,
+    scopes: Vec<String>,
+    default_lifetime: Duration,
+    timeout: Duration,
+}
+
+/// What the HTTP layer saw of the last answer, for classification.
+#[derive(Default, Clone)]
+struct Observed {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+}
+
+impl OAuthClient {
+    pub fn new(provider: Provider, settings: &ProviderSettings, http: reqwest::Client) -> Result<Self, ConfigError> {
+        let url = |key: &str, value: &str| {
+            oauth2::url::Url::parse(value).map_err(|_| ConfigError::Invalid {
+                key: format!("providers.{provider}.{key}"),
+                problem: "is not a valid URL".into(),
+            })
+        };
+        let client = BasicClient::new(ClientId::new(settings.client_id.clone()))
+            .set_client_secret(ClientSecret::new(settings.client_secret.expose().clone()))
+            .set_auth_uri(AuthUrl::from_url(url("authorize_url", &settings.authorize_url)?))
+            .set_token_uri(TokenUrl::from_url(url("token_url", &settings.token_url)?))
+            .set_revocation_url(RevocationUrl::from_url(url("revoke_url", &settings.revoke_url)?))
+            .set_redirect_uri(RedirectUrl::from_url(url("redirect_uri", &settings.redirect_uri)?))
+            .set_auth_type(match settings.client_auth {
+                ClientAuth::ClientSecretBasic => AuthType::BasicAuth,
+                ClientAuth::ClientSecretPost => AuthType::RequestBody,
+            });
+        Ok(Self {
+            provider,
+            client,
+            http,
+            scopes: settings.scopes.clone(),
+            default_lifetime: Duration::from_secs(settings.default_token_lifetime_secs),
+            timeout: Duration::from_secs(settings.request_timeout_secs),
+        })
+    }
+
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// The URL to send the user's browser to, carrying `state` and a fresh PKCE S256 challenge.
+    pub fn authorize_url(&self, state: &str) -> AuthorizeRequest {
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let state = state.to_owned();
+        let (url, _) = self
+            .client
+            .authorize_url(move || CsrfToken::new(state))
+            .add_scopes(self.scopes.iter().cloned().map(Scope::new))
+            .set_pkce_challenge(challenge)
+            .url();
+        AuthorizeRequest { url: url.to_string(), pkce_verifier: Secret::new(verifier.secret().clone()) }
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %self.provider))]
+    pub async fn exchange_code(&self, code: &str, verifier: &Secret<String>, now: DateTime<Utc>) -> Result<NewTokens, OAuthError> {
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let response = self
+            .client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().clone()))
+            .request_async(&self.sender(&observed))
+            .await
+            .map_err(|e| self.failure(e, &observed))?;
+        let refresh_token = response.refresh_token().ok_or_else(|| OAuthError {
+            provider: self.provider,
+            kind: FailureKind::Misconfigured,
+            detail: "the token response has no refresh token; is `offline_access` among the scopes?".into(),
+        })?;
+        Ok(self.tokens(&response, Secret::new(refresh_token.secret().clone()), now))
+    }
+
+    /// Exchanges a refresh token. A response without a new refresh token keeps the old one.
+    #[tracing::instrument(skip_all, fields(provider = %self.provider))]
+    pub async fn refresh(&self, refresh_token: &Secret<String>, now: DateTime<Utc>) -> Result<NewTokens, OAuthError> {
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let response = self
+            .client
+            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose().clone()))
+            .request_async(&self.sender(&observed))
+            .await
+            .map_err(|e| self.failure(e, &observed))?;
+        let next = response.refresh_token().map_or_else(|| refresh_token.clone(), |t| Secret::new(t.secret().clone()));
+        Ok(self.tokens(&response, next, now))
+    }
+
+    /// Revokes a refresh token (RFC 7009), which ends the grant.
+    #[tracing::instrument(skip_all, fields(provider = %self.provider))]
+    pub async fn revoke(&self, refresh_token: &Secret<String>) -> Result<(), OAuthError> {
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let token = StandardRevocableToken::RefreshToken(RefreshToken::new(refresh_token.expose().clone()));
+        let request = self.client.revoke_token(token).map_err(|e| OAuthError {
+            provider: self.provider,
+            kind: FailureKind::Misconfigured,
+            detail: e.to_string(),
+        })?;
+        let send = self.sender(&observed);
+        let result = request.request_async(&send).await;
+        result.map_err(|e| {
+            let status = observed.lock().expect("not poisoned").status;
+            OAuthError {
+                provider: self.provider,
+                kind: failure::classify(status, None, None),
+                detail: format!("revocation failed (HTTP {status:?}): {e}"),
+            }
+        })
+    }
+
+    fn tokens(&self, response: &oauth2::basic::BasicTokenResponse, refresh_token: Secret<String>, now: DateTime<Utc>) -> NewTokens {
+        let lifetime = response.expires_in().unwrap_or(self.default_lifetime);
+        NewTokens {
+            access_token: Secret::new(response.access_token().secret().clone()),
+            refresh_token,
+            expires_at: now + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::MAX),
+        }
+    }
+
+    /// The HTTP client handed to `oauth2`, recording what it saw of the answer into `observed`.
+    fn sender(&self, observed: &Arc<Mutex<Observed>>) -> Sender {
+        Sender { http: self.http.clone(), timeout: self.timeout, observed: observed.clone() }
+    }
+
+    fn failure(
+        &self,
+        error: RequestTokenError<reqwest::Error, BasicErrorResponse>,
+        observed: &Arc<Mutex<Observed>>,
+    ) -> OAuthError {
+        let seen = observed.lock().expect("not poisoned").clone();
+        let (code, detail) = match &error {
+            RequestTokenError::ServerResponse(response) => {
+                let code = response.error().to_string();
+                (Some(code.clone()), format!("HTTP {:?}, error `{code}`", seen.status))
+            }
+            RequestTokenError::Request(e) => (None, format!("request failed: {e}")),
+            RequestTokenError::Parse(_, _) => (None, format!("HTTP {:?}, unreadable response", seen.status)),
+            RequestTokenError::Other(message) => (None, format!("HTTP {:?}: {message}", seen.status)),
+        };
+        // A request that never got an answer has no status; one that got an answer it could not
+        // parse is classified by its status alone.
+        let status = if matches!(error, RequestTokenError::Request(_)) { None } else { seen.status };
+        OAuthError { provider: self.provider, kind: failure::classify(status, code.as_deref(), seen.retry_after), detail }
+    }
+}
+
+/// Our reqwest client as `oauth2`'s HTTP client, with a timeout, keeping the status code and
+/// `Retry-After` of the answer that `oauth2` itself does not report.
+struct Sender {
+    http: reqwest::Client,
+    timeout: Duration,
+    observed: Arc<Mutex<Observed>>,
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Sender {
+    type Error = reqwest::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<HttpResponse, reqwest::Error>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let response = self
+                .http
+                .request(parts.method, parts.uri.to_string())
+                .headers(parts.headers)
+                .body(body)
+                .timeout(self.timeout)
+                .send()
+                .await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            *self.observed.lock().expect("not poisoned") = Observed {
+                status: Some(status.as_u16()),
+                retry_after: headers
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(failure::parse_retry_after),
+            };
+            let body = response.bytes().await?.to_vec();
+            let mut out = http::Response::builder().status(status);
+            if let Some(h) = out.headers_mut() {
+                *h = headers;
+            }
+            Ok(out.body(body).expect("a status and headers from a real response are valid"))
+        })
+    }
+}

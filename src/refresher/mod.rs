@@ -1,0 +1,254 @@
+//! The background refresher: renews tokens before they expire, so a job never waits on OAuth.
+//!
+//! Every `refresher.interval_secs` (tokio-cron-scheduler; once at start to catch up) it scans for
+//! due tokens on the `expires_at` index, and it also takes per-user requests from the worker
+//! (`amqp.refresh_queue`). Each token is renewed under a **fenced lease** so that any number of
+//! replicas can run this at once without two of them presenting the same refresh token, which a
+//! strict provider treats as theft and answers by revoking the whole grant:
+//!
+//! 1. claim: `findOneAndUpdate` on the version seen by the scan sets `lease_owner`/`lease_until`
+//!    and bumps `version`; only one replica wins;
+//! 2. refresh at the provider (paced by a rate limiter, taken *before* the claim so waiting does
+//!    not eat the lease);
+//! 3. write: only if the document still holds the claimed version, refresh token and owner
+//!    (compare-and-swap). The same fence guards marking `reauth_required` after a permanent
+//!    failure, which is the "re-read, then mark only if unchanged" rule done atomically.
+
+mod policy;
+mod rate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+pub use policy::{is_due, retry_at};
+use rate::RateLimiter;
+
+use crate::messages::{RefreshRequest, TokenEvent, TokenEventKind};
+use crate::oauth::{FailureKind, OAuthClient};
+use crate::queue::{Jobs, Publisher};
+use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
+
+#[derive(Debug, Clone)]
+pub struct RefresherConfig {
+    pub interval: Duration,
+    pub lead: Duration,
+    pub lease: Duration,
+    pub concurrency: usize,
+    pub batch: i64,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub rate_per_minute: u32,
+    pub events_exchange: String,
+}
+
+/// How one refresh attempt ended, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    Refreshed,
+    /// Another replica holds it, or it changed since the scan.
+    NotClaimed,
+    /// The provider refused the grant; the user must reconnect.
+    ReauthRequired,
+    /// Will be tried again after a backoff.
+    RetryLater,
+    /// The document moved on while we held the lease (reconnected, deleted); nothing written.
+    Superseded,
+}
+
+pub struct Refresher {
+    tokens: TokenStore,
+    oauth: Arc<OAuthClient>,
+    publisher: Publisher,
+    config: RefresherConfig,
+    owner: String,
+    limiter: RateLimiter,
+    slots: Arc<Semaphore>,
+}
+
+impl Refresher {
+    pub fn new(tokens: TokenStore, oauth: Arc<OAuthClient>, publisher: Publisher, config: RefresherConfig) -> Self {
+        Self {
+            limiter: RateLimiter::per_minute(config.rate_per_minute),
+            slots: Arc::new(Semaphore::new(config.concurrency)),
+            owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            tokens,
+            oauth,
+            publisher,
+            config,
+        }
+    }
+
+    /// Scans on a schedule and serves refresh requests until `shutdown`; refreshes in flight
+    /// finish first (each is bounded by the provider request timeout).
+    pub async fn run(self: Arc<Self>, requests: Jobs, shutdown: CancellationToken) -> Result<(), RefresherError> {
+        let scanning = Arc::new(tokio::sync::Mutex::new(()));
+        let scheduler = JobScheduler::new().await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
+        let refresher = self.clone();
+        let job = Job::new_repeated_async(self.config.interval, move |_, _| {
+            let refresher = refresher.clone();
+            let scanning = scanning.clone();
+            Box::pin(async move {
+                // A scan still running (a large backlog) is not joined by a second one.
+                let Ok(_guard) = scanning.try_lock() else { return };
+                refresher.scan_and_log().await;
+            })
+        })
+        .map_err(|e| RefresherError::Scheduler(e.to_string()))?;
+        scheduler.add(job).await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
+        scheduler.start().await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
+        // Catch up at start rather than waiting a whole interval.
+        let first = tokio::spawn(self.clone().scan_and_log_owned());
+
+        let result = self.serve_requests(requests, &shutdown).await;
+        let mut scheduler = scheduler;
+        let _ = scheduler.shutdown().await;
+        let _ = first.await;
+        result
+    }
+
+    async fn scan_and_log_owned(self: Arc<Self>) {
+        self.scan_and_log().await;
+    }
+
+    async fn scan_and_log(self: &Arc<Self>) {
+        match self.scan(Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tokens = n, "refresh scan done"),
+            Err(e) => tracing::warn!(error = %e, "refresh scan failed; retrying at the next interval"),
+        }
+    }
+
+    /// Refreshes every token due at `now`; returns how many were attempted.
+    pub async fn scan(self: &Arc<Self>, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let until = now + chrono::Duration::from_std(self.config.lead).unwrap_or(chrono::Duration::MAX);
+        let due = self.tokens.due(now, until, self.config.batch).await?;
+        let count = due.len();
+        let mut running = JoinSet::new();
+        for token in due {
+            let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let refresher = self.clone();
+            running.spawn(async move {
+                let outcome = refresher.refresh(&token).await;
+                drop(slot);
+                outcome
+            });
+        }
+        while running.join_next().await.is_some() {}
+        Ok(count)
+    }
+
+    /// Takes worker requests off the refresh queue until shutdown.
+    async fn serve_requests(&self, mut requests: Jobs, shutdown: &CancellationToken) -> Result<(), RefresherError> {
+        loop {
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                delivery = requests.next() => delivery,
+            };
+            let delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => return Err(RefresherError::Requests(e.to_string())),
+                None => return Err(RefresherError::Requests("the broker cancelled the consumer".into())),
+            };
+            match serde_json::from_slice::<RefreshRequest>(&delivery.body) {
+                Ok(request) if request.provider == self.oauth.provider() => {
+                    if let Err(e) = self.refresh_user(&request.user_id).await {
+                        tracing::warn!(error = %e, "refresh request failed; the scan will retry");
+                    }
+                }
+                Ok(_) => tracing::warn!("refresh request for a provider this refresher does not serve"),
+                Err(e) => tracing::warn!(error = %e, "unreadable refresh request dropped"),
+            }
+            // The request is advisory: the scan covers anything lost here, so it is acked always.
+            if let Err(e) = delivery.ack().await {
+                return Err(RefresherError::Requests(e.to_string()));
+            }
+        }
+    }
+
+    /// Refreshes one user's token now if it is due.
+    pub async fn refresh_user(&self, user_id: &str) -> Result<Option<RefreshOutcome>, StoreError> {
+        let Some(token) = self.tokens.get(user_id).await? else { return Ok(None) };
+        if token.status != TokenStatus::Active || !is_due(Utc::now(), token.expires_at, self.config.lead) {
+            return Ok(None);
+        }
+        let due = DueToken { user_id: token.user_id, expires_at: token.expires_at, version: token.version };
+        let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
+        Ok(Some(self.refresh(&due).await))
+    }
+
+    /// One claim → refresh → fenced write.
+    #[tracing::instrument(skip_all)]
+    pub async fn refresh(&self, due: &DueToken) -> RefreshOutcome {
+        match self.try_refresh(due).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(error = %e, "refresh could not be completed; the lease will lapse and it is retried");
+                RefreshOutcome::RetryLater
+            }
+        }
+    }
+
+    async fn try_refresh(&self, due: &DueToken) -> Result<RefreshOutcome, StoreError> {
+        self.limiter.acquire().await;
+        let now = Utc::now();
+        let lease = chrono::Duration::from_std(self.config.lease).unwrap_or(chrono::Duration::MAX);
+        let Some(claimed) = self.tokens.claim(due, &self.owner, now, lease).await? else {
+            return Ok(RefreshOutcome::NotClaimed);
+        };
+        match self.oauth.refresh(&claimed.refresh_token, Utc::now()).await {
+            Ok(tokens) => {
+                if self.tokens.complete_refresh(&claimed, &tokens, Utc::now()).await? {
+                    tracing::debug!("token refreshed");
+                    Ok(RefreshOutcome::Refreshed)
+                } else {
+                    tracing::warn!("the token changed while it was being refreshed; the new tokens are discarded");
+                    Ok(RefreshOutcome::Superseded)
+                }
+            }
+            Err(e) => match e.kind {
+                FailureKind::Permanent => {
+                    if !self.tokens.mark_reauth_required(&claimed, Utc::now()).await? {
+                        return Ok(RefreshOutcome::Superseded);
+                    }
+                    tracing::warn!(error = %e, "the provider refused the grant; the user must reconnect");
+                    self.emit(TokenEventKind::ReauthRequired, &claimed.user_id, &e.detail).await;
+                    Ok(RefreshOutcome::ReauthRequired)
+                }
+                FailureKind::Transient { retry_after } => {
+                    let at = retry_at(Utc::now(), claimed.failures, self.config.retry_initial, self.config.retry_max, retry_after, rand::random());
+                    tracing::info!(error = %e, retry_at = %at, "transient refresh failure; retrying later");
+                    self.tokens.release(&claimed, at).await?;
+                    Ok(RefreshOutcome::RetryLater)
+                }
+                FailureKind::Misconfigured => {
+                    let at = retry_at(Utc::now(), claimed.failures, self.config.retry_initial, self.config.retry_max, None, rand::random());
+                    tracing::error!(error = %e, "the provider refuses this client: check providers.* settings");
+                    self.tokens.release(&claimed, at).await?;
+                    Ok(RefreshOutcome::RetryLater)
+                }
+            },
+        }
+    }
+
+    async fn emit(&self, kind: TokenEventKind, user_id: &str, reason: &str) {
+        let event = TokenEvent { user_id: user_id.to_owned(), provider: self.oauth.provider(), at: Utc::now(), reason: reason.to_owned() };
+        let body = serde_json::to_vec(&event).expect("an event serializes");
+        if let Err(e) = self.publisher.event(&self.config.events_exchange, kind.routing_key(), &body).await {
+            tracing::warn!(error = %e, event = kind.routing_key(), "could not publish a token event");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefresherError {
+    #[error("the refresh scheduler failed: {0}")]
+    Scheduler(String),
+    #[error("the refresh request consumer stopped: {0}")]
+    Requests(String),
+}
