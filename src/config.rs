@@ -322,8 +322,14 @@ impl Settings {
                 ("providers.qlik.revoke_url", &self.providers.qlik.revoke_url),
                 ("providers.qlik.redirect_uri", &self.providers.qlik.redirect_uri),
             ] {
-                if reqwest::Url::parse(url).is_err() {
+                let Ok(parsed) = reqwest::Url::parse(url) else {
                     return Err(invalid(key, "is not a valid URL"));
+                };
+                // Tokens and client secrets cross these endpoints: TLS is required except on
+                // loopback, where the local test server runs.
+                let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+                if key != "providers.qlik.redirect_uri" && parsed.scheme() != "https" && !loopback {
+                    return Err(invalid(key, "must be an https:// URL (http:// is allowed on loopback only)"));
                 }
             }
         }

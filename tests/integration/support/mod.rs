@@ -5,6 +5,7 @@
 //! service fails the test with a message saying so; nothing is skipped.
 
 mod mcp_server;
+mod oauth;
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
+pub use oauth::{OAuthFixture, connect_as_browser, spawn_app_with_oauth};
 
 /// The encryption key of every test (base64 of 32 bytes).
 pub const TEST_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktMzJieXQ=";
@@ -43,6 +45,8 @@ pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
         .merge(Serialized::default("mongodb.database", format!("t_{}", &id[..16])))
         .merge(Serialized::default("amqp.jobs_queue", format!("t.{id}.tool_calls")))
         .merge(Serialized::default("amqp.dead_letter_queue", format!("t.{id}.dead")))
+        .merge(Serialized::default("amqp.refresh_queue", format!("t.{id}.refresh")))
+        .merge(Serialized::default("amqp.events_exchange", format!("t.{id}.events")))
         .merge(Serialized::default("mcp.call_timeout_ms", 10_000))
         .merge(Serialized::default("mcp.servers.qlik.url", mcp_url))
         .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo", "sleep"] })))
@@ -61,6 +65,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub store: Store,
     pub cipher: Arc<TokenCipher>,
+    /// The test's database, for reading documents as stored.
+    pub db: mongodb::Database,
     /// Base URL of the HTTP API, e.g. `http://127.0.0.1:41234`.
     pub api: String,
     pub channel: Channel,
@@ -74,7 +80,18 @@ pub async fn spawn_app(mcp_url: &str) -> TestApp {
     spawn_app_with(mcp_url, &[]).await
 }
 
+/// Logs of the code under test go to the test's captured output (shown when a test fails);
+/// `RUST_LOG` picks the level, warnings by default.
+fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+        tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().init();
+    });
+}
+
 pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestApp {
+    init_tracing();
     let settings = test_settings(mcp_url, overrides);
     let store = Store::connect(&settings.mongodb).await.unwrap();
     store.ping().await.expect("MongoDB (SecantusDB) is not reachable: run scripts/services up");
@@ -92,7 +109,11 @@ pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestA
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let reply_queue = format!("{}.replies", settings.amqp.jobs_queue);
     declare_queue(&channel, &reply_queue, FieldTable::default()).await;
-    TestApp { settings, store, cipher, api, channel, reply_queue, shutdown, worker: Some(worker), _connection: connection }
+    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose())
+        .await
+        .unwrap()
+        .database(&settings.mongodb.database);
+    TestApp { settings, store, cipher, db, api, channel, reply_queue, shutdown, worker: Some(worker), _connection: connection }
 }
 
 /// Declares a non-durable queue that goes away with the connection.
@@ -160,6 +181,44 @@ impl TestApp {
     /// A message from `queue` if one is there now.
     pub async fn get_message(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    }
+
+    /// Stores tokens as they are, e.g. ones issued by the OAuth test server.
+    pub async fn store_tokens(&self, user: &str, access_token: &str, refresh_token: &str, expires_at: chrono::DateTime<chrono::Utc>) {
+        let tokens = NewTokens {
+            access_token: Secret::new(access_token.to_owned()),
+            refresh_token: Secret::new(refresh_token.to_owned()),
+            expires_at,
+        };
+        self.store.tokens(Provider::Qlik, &self.cipher).save(user, &tokens, chrono::Utc::now()).await.unwrap();
+    }
+
+    /// The user's stored tokens, decrypted.
+    pub async fn stored(&self, user: &str) -> Option<mcp_worker::store::StoredToken> {
+        self.store.tokens(Provider::Qlik, &self.cipher).get(user).await.unwrap()
+    }
+
+    /// Declares a queue bound to the events exchange for every token event, for reading them.
+    pub async fn watch_events(&self) -> String {
+        let queue = format!("{}.events-seen", self.settings.amqp.jobs_queue);
+        declare_queue(&self.channel, &queue, FieldTable::default()).await;
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.settings.amqp.events_exchange.as_str().into(),
+                "token.#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        queue
+    }
+
+    /// The next token event: its routing key and body.
+    pub async fn next_event(&self, queue: &str) -> (String, Value) {
+        let delivery = self.next_message(queue).await.expect("an event arrives in time");
+        (delivery.routing_key.as_str().to_owned(), serde_json::from_slice(&delivery.data).unwrap())
     }
 
     pub async fn store_token(&self, user: &str, access_token: &str) {

@@ -1,0 +1,118 @@
+//! The connect flow, disconnect and connection status over HTTP, against the strict in-repo
+//! OAuth server, driven as a browser would.
+
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+
+use crate::support::{SERVICE_KEY, connect_as_browser, spawn_app_with_oauth};
+
+const NO_MCP: &str = "http://127.0.0.1:9/mcp";
+
+#[tokio::test]
+async fn connecting_stores_the_tokens_encrypted_and_announces_it() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let events = fx.app.watch_events().await;
+
+    let outcome = connect_as_browser(&fx.app, "alice", "allow").await;
+    assert_eq!(outcome.status, 303, "the callback redirects the browser");
+    let location = outcome.location.unwrap();
+    assert!(location.starts_with("http://127.0.0.1:9/done?from=test"), "{location}");
+    assert!(location.contains("status=connected") && location.contains("provider=qlik"), "{location}");
+
+    let stored = fx.app.stored("alice").await.expect("tokens stored");
+    assert!(fx.oauth.access_token_active(stored.access_token.expose()), "the stored access token is the issued one");
+    assert!(fx.oauth.refresh_token_active(stored.refresh_token.expose()));
+    let raw = fx.app.db.collection::<Document>("qlik_tokens");
+    let document: Document = raw.find_one(doc! { "user_id": "alice" }).await.unwrap().unwrap();
+    let text = format!("{document:?}");
+    assert!(!text.contains(stored.access_token.expose().as_str()), "plaintext access token in the document");
+    assert!(!text.contains(stored.refresh_token.expose().as_str()), "plaintext refresh token in the document");
+    assert_eq!(fx.oauth.stats().code_exchanges, 1);
+
+    let (key, event) = fx.app.next_event(&events).await;
+    assert_eq!(key, "token.connected");
+    assert_eq!(event["user_id"], "alice");
+    assert_eq!(event["provider"], "qlik");
+}
+
+#[tokio::test]
+async fn a_state_works_once_and_unknown_or_denied_flows_store_nothing() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    let outcome = connect_as_browser(&fx.app, "alice", "allow").await;
+    assert_eq!(outcome.status, 303);
+    let replay = http.get(&outcome.callback).send().await.unwrap();
+    assert_eq!(replay.status(), 400, "a state is single-use");
+    assert!(replay.text().await.unwrap().contains("already used"));
+
+    let unknown = http
+        .get(format!("{}/v1/connections/qlik/callback?code=x&state=never-issued", fx.app.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 400);
+
+    let denied = connect_as_browser(&fx.app, "bob", "deny").await;
+    assert_eq!(denied.status, 400);
+    assert!(fx.app.stored("bob").await.is_none(), "nothing stored for a denied flow");
+}
+
+#[tokio::test]
+async fn internal_endpoints_refuse_a_missing_or_wrong_service_key() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let http = reqwest::Client::new();
+    let api = &fx.app.api;
+    let requests = [
+        http.post(format!("{api}/v1/connections/qlik/authorize")).json(&json!({ "user_id": "alice" })),
+        http.get(format!("{api}/v1/connections/qlik/alice")),
+        http.delete(format!("{api}/v1/connections/qlik/alice")),
+    ];
+    for request in requests {
+        let without = request.try_clone().unwrap().send().await.unwrap();
+        assert_eq!(without.status(), 401);
+        let wrong = request.try_clone().unwrap().bearer_auth("not-the-key").send().await.unwrap();
+        assert_eq!(wrong.status(), 401);
+        let prefix = request.bearer_auth(&SERVICE_KEY[..SERVICE_KEY.len() - 1]).send().await.unwrap();
+        assert_eq!(prefix.status(), 401, "a prefix of the key is not the key");
+    }
+}
+
+#[tokio::test]
+async fn authorize_checks_return_to_against_the_allow_list() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/connections/qlik/authorize", fx.app.api))
+        .bearer_auth(SERVICE_KEY)
+        .json(&json!({ "user_id": "alice", "return_to": "https://evil.test/" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+}
+
+#[tokio::test]
+async fn disconnect_revokes_at_the_provider_deletes_and_repeats_as_204() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let events = fx.app.watch_events().await;
+    assert_eq!(connect_as_browser(&fx.app, "alice", "allow").await.status, 303);
+    let stored = fx.app.stored("alice").await.unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/connections/qlik/alice", fx.app.api);
+
+    let status: Value = http.get(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["connected"], true);
+    assert_eq!(status["status"], "active");
+    assert!(!status.to_string().contains(stored.access_token.expose().as_str()), "no token in the status");
+
+    assert_eq!(http.delete(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().status(), 204);
+    assert_eq!(fx.oauth.stats().revocation_requests, 1);
+    assert!(!fx.oauth.refresh_token_active(stored.refresh_token.expose()), "the grant is revoked at the provider");
+    assert!(fx.app.stored("alice").await.is_none());
+    assert_eq!(http.delete(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().status(), 204, "repeating is fine");
+    let status: Value = http.get(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status, json!({ "connected": false }));
+
+    assert_eq!(fx.app.next_event(&events).await.0, "token.connected");
+    assert_eq!(fx.app.next_event(&events).await.0, "token.disconnected");
+}
