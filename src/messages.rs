@@ -33,9 +33,12 @@ pub struct TokenEvent {
     pub reason: String,
 }
 
-/// The worker's request to renew one user's token now, on `amqp.refresh_queue`.
+/// The worker's request to renew one user's token now, on `amqp.refresh_queue`: a job needs the
+/// token to stay valid until `needed_until`. Requests for a token that already lasts that long
+/// (another request renewed it) are dropped, so a burst of jobs causes one refresh.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefreshRequest {
     pub provider: Provider,
     pub user_id: String,
+    pub needed_until: DateTime<Utc>,
 }

@@ -157,7 +157,7 @@ impl Refresher {
             };
             match serde_json::from_slice::<RefreshRequest>(&delivery.body) {
                 Ok(request) if request.provider == self.oauth.provider() => {
-                    if let Err(e) = self.refresh_user(&request.user_id).await {
+                    if let Err(e) = self.refresh_user(&request.user_id, request.needed_until).await {
                         tracing::warn!(error = %e, "refresh request failed; the scan will retry");
                     }
                 }
@@ -171,10 +171,11 @@ impl Refresher {
         }
     }
 
-    /// Refreshes one user's token now if it is due.
-    pub async fn refresh_user(&self, user_id: &str) -> Result<Option<RefreshOutcome>, StoreError> {
+    /// Refreshes one user's token now if it expires before `needed_until` (or is due anyway).
+    pub async fn refresh_user(&self, user_id: &str, needed_until: DateTime<Utc>) -> Result<Option<RefreshOutcome>, StoreError> {
         let Some(token) = self.tokens.get(user_id).await? else { return Ok(None) };
-        if token.status != TokenStatus::Active || !is_due(Utc::now(), token.expires_at, self.config.lead) {
+        let needed = token.expires_at < needed_until || is_due(Utc::now(), token.expires_at, self.config.lead);
+        if token.status != TokenStatus::Active || !needed {
             return Ok(None);
         }
         let due = DueToken { user_id: token.user_id, expires_at: token.expires_at, version: token.version };

@@ -24,7 +24,7 @@ pub(super) enum Disposition {
     DeadLetter { reason: String, to: Option<ReplyTarget>, reply: Reply },
     /// Put the job in the delay queue (its `deferrals`-th wait), then ack; it comes back when
     /// the refresher has had time to renew the user's token.
-    Defer { deferrals: u32, provider: Provider, user_id: String },
+    Defer { deferrals: u32, refresh: RefreshNeeded },
 }
 
 #[derive(Debug, Clone)]
@@ -43,10 +43,18 @@ impl Disposition {
     }
 }
 
+/// A job is waiting for this user's token to be valid until `until`.
+#[derive(Debug, Clone)]
+pub(super) struct RefreshNeeded {
+    pub provider: Provider,
+    pub user_id: String,
+    pub until: DateTime<Utc>,
+}
+
 /// The token lookup's result.
 enum Credential {
     Header(Option<CredentialHeader>),
-    Refresh(Provider),
+    Refresh(RefreshNeeded),
     Refused(Reply),
 }
 
@@ -64,10 +72,10 @@ impl Worker {
         let to = ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
         let disposition = match self.execute(&job, now).await {
             Ok(reply) => Disposition::Reply { to, reply },
-            Err(provider) if delivery.deferrals < self.config.max_deferrals => {
-                Disposition::Defer { deferrals: delivery.deferrals + 1, provider, user_id: job.user_id.clone() }
+            Err(refresh) if delivery.deferrals < self.config.max_deferrals => {
+                Disposition::Defer { deferrals: delivery.deferrals + 1, refresh }
             }
-            Err(provider) => {
+            Err(RefreshNeeded { provider, .. }) => {
                 let message = format!("the user's {provider} token could not be renewed in time; try again later");
                 Disposition::Reply { to, reply: Reply::error(Some(&job.job_id), ErrorCode::TokenUnavailable, message).with_provider(provider) }
             }
@@ -75,9 +83,9 @@ impl Worker {
         (Some(job), disposition)
     }
 
-    /// Runs a valid job and says how it went: a reply, or `Err(provider)` when the job must wait
-    /// for that provider's token to be refreshed.
-    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Result<Reply, Provider> {
+    /// Runs a valid job and says how it went: a reply, or `Err` when the job must wait for the
+    /// user's token to be refreshed.
+    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Result<Reply, RefreshNeeded> {
         let id = Some(job.job_id.as_str());
         let Some(server) = self.registry.route(&job.tool) else {
             return Ok(Reply::error(id, ErrorCode::UnknownTool, format!("no MCP server serves the tool `{}`", job.tool)));
@@ -87,7 +95,7 @@ impl Worker {
         };
         let credential = match self.credential(server, job, now, budget.timeout).await {
             Credential::Header(header) => header,
-            Credential::Refresh(provider) => return Err(provider),
+            Credential::Refresh(needed) => return Err(needed),
             Credential::Refused(reply) => return Ok(reply),
         };
         // The token lookup took time; what is left of the deadline is measured again.
@@ -125,7 +133,11 @@ impl Worker {
                 Ok(header) => Credential::Header(Some(header)),
                 Err(e) => Credential::Refused(Reply::error(id, ErrorCode::Internal, e.to_string()).with_provider(provider)),
             },
-            TokenVerdict::Refresh => Credential::Refresh(provider),
+            TokenVerdict::Refresh => Credential::Refresh(RefreshNeeded {
+                provider,
+                user_id: job.user_id.clone(),
+                until: now + chrono::Duration::from_std(min_remaining).unwrap_or(chrono::Duration::MAX),
+            }),
             TokenVerdict::ReauthRequired => {
                 let message = format!("the user's {provider} authorization was revoked or expired; send them through the connect flow");
                 Credential::Refused(Reply::error(id, ErrorCode::ReauthRequired, message).with_provider(provider))

@@ -19,11 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::crypto::TokenCipher;
 use crate::mcp::McpClients;
 use crate::messages::RefreshRequest;
-use crate::provider::Provider;
 use crate::queue::{Delivery, Jobs, Published, Publisher, QueueError};
 use crate::registry::Registry;
 use crate::store::Store;
-use execute::{Disposition, ReplyTarget};
+use execute::{Disposition, RefreshNeeded, ReplyTarget};
 
 /// The settings the job path reads, resolved once at start.
 #[derive(Debug, Clone)]
@@ -142,8 +141,8 @@ impl Worker {
                 }
                 self.publisher.dead_letter(&self.config.dead_letter_queue, delivery, reason).await?;
             }
-            Disposition::Defer { deferrals, provider, user_id } => {
-                self.request_refresh(*provider, user_id).await;
+            Disposition::Defer { deferrals, refresh } => {
+                self.request_refresh(refresh).await;
                 self.publisher.defer(&self.config.delay_queue, delivery, *deferrals).await?;
             }
         }
@@ -152,8 +151,8 @@ impl Worker {
 
     /// Asks the refresher to renew the user's token now. Best effort: if the request is lost, the
     /// refresher's next scan finds the token anyway, since it expires within the lead time.
-    async fn request_refresh(&self, provider: Provider, user_id: &str) {
-        let request = RefreshRequest { provider, user_id: user_id.to_owned() };
+    async fn request_refresh(&self, needed: &RefreshNeeded) {
+        let request = RefreshRequest { provider: needed.provider, user_id: needed.user_id.clone(), needed_until: needed.until };
         let body = serde_json::to_vec(&request).expect("a refresh request serializes");
         if let Err(e) = self.publisher.send(&self.config.refresh_queue, &body).await {
             tracing::warn!(error = %e, "could not ask the refresher for an early refresh");

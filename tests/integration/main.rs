@@ -6,5 +6,6 @@ mod connect;
 mod jobs;
 mod mcp_interop;
 mod migrations;
+mod refresher;
 mod store;
 mod support;

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
-pub use oauth::{OAuthFixture, connect_as_browser, spawn_app_with_oauth};
+pub use oauth::{connect_as_browser, spawn_app_with_oauth, spawn_oauth};
 
 /// The encryption key of every test (base64 of 32 bytes).
 pub const TEST_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktMzJieXQ=";
@@ -35,6 +35,22 @@ pub const SERVICE_KEY: &str = "test-service-key";
 
 /// How long a test waits for a reply before failing.
 pub const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` every 100 ms until it holds, failing the test after 60 s with `what`.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < until {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
 
 /// Settings for one test: the usual layers (so `MCP_WORKER_*` can point at other services), then
 /// a fresh database and queue names, then the test's own overrides.

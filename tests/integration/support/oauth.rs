@@ -19,6 +19,14 @@ pub const RETURN_TO: &str = "http://127.0.0.1:9/done";
 
 /// Starts an OAuth server (`configure` adjusts its config) and a worker using it as provider.
 pub async fn spawn_app_with_oauth(mcp_url: &str, configure: impl FnOnce(&mut Config), overrides: &[(&str, Value)]) -> OAuthFixture {
+    let (oauth, mut all) = spawn_oauth(configure).await;
+    all.extend(overrides.iter().cloned());
+    OAuthFixture { app: spawn_app_with(mcp_url, &all).await, oauth }
+}
+
+/// Starts an OAuth server and returns the settings that make a worker use it as the Qlik
+/// provider, its API on a port chosen here and registered as the callback.
+pub async fn spawn_oauth(configure: impl FnOnce(&mut Config)) -> (OAuthServer, Vec<(&'static str, Value)>) {
     // The callback URL must be registered before either side starts, so the API's port is
     // chosen first.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -26,7 +34,7 @@ pub async fn spawn_app_with_oauth(mcp_url: &str, configure: impl FnOnce(&mut Con
     let mut config = Config { redirect_uris: vec![callback.clone()], ..Config::default() };
     configure(&mut config);
     let (oauth, base) = OAuthServer::spawn(config.clone()).await;
-    let mut all = vec![
+    let settings = vec![
         ("http.listen", json!(format!("127.0.0.1:{port}"))),
         ("http.return_to_allowlist", json!(["http://127.0.0.1:9/"])),
         ("providers.qlik.client_id", json!(config.client_id)),
@@ -37,8 +45,7 @@ pub async fn spawn_app_with_oauth(mcp_url: &str, configure: impl FnOnce(&mut Con
         ("providers.qlik.redirect_uri", json!(callback)),
         ("providers.qlik.rate_limit_per_minute", json!(60_000)),
     ];
-    all.extend(overrides.iter().cloned());
-    OAuthFixture { app: spawn_app_with(mcp_url, &all).await, oauth }
+    (oauth, settings)
 }
 
 /// What the browser saw at the end of a connect flow.

@@ -1,0 +1,203 @@
+//! The refresher against the strict in-repo OAuth server: proactive refresh, failures, the
+//! worker deferring a job rather than refreshing inline, and several processes sharing tokens.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use chrono::Utc;
+use mcp_worker::crypto::TokenCipher;
+use mcp_worker::provider::Provider;
+use mcp_worker::secret::Secret;
+use mcp_worker::store::{NewTokens, Store};
+use serde_json::{Value, json};
+
+use crate::support::{Flavor, McpServer, SERVICE_KEY, TEST_KEY, spawn_app_with_oauth, spawn_oauth, test_settings, wait_until};
+
+const NO_MCP: &str = "http://127.0.0.1:9/mcp";
+
+fn quick_refresher() -> Vec<(&'static str, Value)> {
+    vec![
+        ("refresher.interval_secs", json!(1)),
+        ("refresher.retry_initial_secs", json!(1)),
+        ("refresher.retry_max_secs", json!(2)),
+    ]
+}
+
+#[tokio::test]
+async fn a_token_nearing_expiry_is_refreshed_before_it_expires_without_any_job() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &quick_refresher()).await;
+    let issued = fx.oauth.issue_grant("alice", "user_default offline_access", Duration::from_secs(300));
+    let expires_at = Utc::now() + chrono::Duration::seconds(300);
+    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, expires_at).await;
+
+    wait_until("the token is refreshed", || async { fx.app.stored("alice").await.unwrap().access_token.expose() != &issued.access_token }).await;
+    assert!(Utc::now() < expires_at, "refreshed before it expired");
+    let stored = fx.app.stored("alice").await.unwrap();
+    assert!(fx.oauth.access_token_active(stored.access_token.expose()));
+    assert!(fx.oauth.refresh_token_active(stored.refresh_token.expose()), "the rotated refresh token was stored");
+    assert!(stored.expires_at > expires_at);
+    let stats = fx.oauth.stats();
+    assert_eq!((stats.refresh_successes, stats.refresh_token_reuse, stats.grants_revoked), (1, 0, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_refused_grant_becomes_reauth_required_with_an_event_and_later_jobs_are_told() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let fx = spawn_app_with_oauth(&server.url(), |_| {}, &quick_refresher()).await;
+    let events = fx.app.watch_events().await;
+    // A refresh token the provider never issued: invalid_grant.
+    fx.app.store_tokens("alice", "some-access", "never-issued", Utc::now() + chrono::Duration::seconds(120)).await;
+
+    let (key, event) = fx.app.next_event(&events).await;
+    assert_eq!(key, "token.reauth_required");
+    assert_eq!(event["user_id"], "alice");
+    let status: Value = reqwest::Client::new()
+        .get(format!("{}/v1/connections/qlik/alice", fx.app.api))
+        .bearer_auth(SERVICE_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "reauth_required");
+
+    fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    let (reply, _) = fx.app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "reauth_required", "{reply}");
+    assert_eq!(reply["error"]["retryable"], false);
+    assert_eq!(reply["error"]["provider"], "qlik");
+    assert!(server.tool_calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_until_the_refresh_succeeds() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &quick_refresher()).await;
+    fx.oauth.fail_next_token_requests(2, 503, "temporarily_unavailable");
+    let issued = fx.oauth.issue_grant("alice", "offline_access", Duration::from_secs(300));
+    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(300)).await;
+
+    wait_until("the token is refreshed", || async { fx.app.stored("alice").await.unwrap().access_token.expose() != &issued.access_token }).await;
+    let stats = fx.oauth.stats();
+    assert_eq!(stats.failed_by_injection, 2, "{stats:?}");
+    assert_eq!((stats.refresh_successes, stats.refresh_token_reuse), (1, 0), "{stats:?}");
+    assert!(fx.oauth.refresh_token_active(fx.app.stored("alice").await.unwrap().refresh_token.expose()));
+}
+
+#[tokio::test]
+async fn a_token_too_short_for_the_call_defers_the_job_until_the_refresher_renewed_it() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    // The scan sees nothing due (lead 1 s), so only the worker's request can cause the refresh.
+    let overrides = [
+        ("refresher.interval_secs", json!(3600)),
+        ("refresher.lead_secs", json!(1)),
+        ("tokens.defer_ms", json!(300)),
+    ];
+    let fx = spawn_app_with_oauth(&server.url(), |_| {}, &overrides).await;
+    let issued = fx.oauth.issue_grant("alice", "offline_access", Duration::from_secs(20));
+    // 20 s left, less than the 10 s call timeout plus 30 s clock skew the call needs.
+    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(20)).await;
+
+    fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    let (reply, _) = fx.app.next_reply().await;
+
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let renewed = fx.app.stored("alice").await.unwrap();
+    assert_ne!(renewed.access_token.expose(), &issued.access_token);
+    assert_eq!(reply["result"]["structuredContent"]["token"], renewed.access_token.expose().as_str());
+    let seen: Vec<_> = server.tool_calls().into_iter().map(|c| c.x_qlik_access_token).collect();
+    assert_eq!(seen, vec![Some(renewed.access_token.expose().clone())], "the old token never reached the server");
+    assert_eq!(fx.oauth.stats().refresh_successes, 1);
+}
+
+#[tokio::test]
+async fn a_job_whose_token_cannot_be_renewed_in_time_gets_token_unavailable() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let overrides = [
+        ("refresher.interval_secs", json!(3600)),
+        ("refresher.lead_secs", json!(1)),
+        ("refresher.retry_initial_secs", json!(3600)),
+        ("tokens.defer_ms", json!(100)),
+        ("tokens.max_deferrals", json!(2)),
+    ];
+    let fx = spawn_app_with_oauth(&server.url(), |_| {}, &overrides).await;
+    // The provider is down for longer than the job may wait.
+    fx.oauth.fail_next_token_requests(100, 503, "temporarily_unavailable");
+    let issued = fx.oauth.issue_grant("alice", "offline_access", Duration::from_secs(20));
+    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(20)).await;
+
+    fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    let (reply, _) = fx.app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "token_unavailable", "{reply}");
+    assert_eq!(reply["error"]["retryable"], true);
+    assert!(server.tool_calls().is_empty());
+}
+
+/// `mcp-worker run --roles refresher` as a separate process, configured like `settings`.
+fn refresher_process(env: &[(String, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mcp-worker"))
+        .args(["run", "--roles", "refresher"])
+        .env_remove("MCP_WORKER_ENV")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .spawn()
+        .expect("mcp-worker starts")
+}
+
+#[tokio::test]
+async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token() {
+    let (oauth, provider) = spawn_oauth(|_| {}).await;
+    let settings = test_settings(NO_MCP, &provider);
+    let store = Store::connect(&settings.mongodb).await.unwrap();
+    store.migrate(&mcp_worker::store::embedded_migrations().unwrap()).await.unwrap();
+    let cipher = std::sync::Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
+    let tokens = store.tokens(Provider::Qlik, &cipher);
+    let mut issued = Vec::new();
+    for user in 0..200 {
+        let grant = oauth.issue_grant(&format!("user-{user}"), "offline_access", Duration::from_secs(120));
+        let new = NewTokens {
+            access_token: Secret::new(grant.access_token.clone()),
+            refresh_token: Secret::new(grant.refresh_token.clone()),
+            expires_at: Utc::now() + chrono::Duration::seconds(120),
+        };
+        tokens.save(&format!("user-{user}"), &new, Utc::now()).await.unwrap();
+        issued.push(grant);
+    }
+
+    let mut env: Vec<(String, String)> = provider
+        .iter()
+        .map(|(key, value)| (key.to_string(), value.as_str().map_or_else(|| value.to_string(), str::to_owned)))
+        .filter(|(key, _)| key.starts_with("providers."))
+        .collect();
+    env.extend([
+        ("mongodb.database".into(), settings.mongodb.database.clone()),
+        ("amqp.jobs_queue".into(), settings.amqp.jobs_queue.clone()),
+        ("amqp.dead_letter_queue".into(), settings.amqp.dead_letter_queue.clone()),
+        ("amqp.refresh_queue".into(), settings.amqp.refresh_queue.clone()),
+        ("amqp.events_exchange".into(), settings.amqp.events_exchange.clone()),
+        ("encryption.active_key".into(), "test1".into()),
+        ("encryption.keys.test1".into(), TEST_KEY.into()),
+        ("refresher.interval_secs".into(), "1".into()),
+        ("telemetry.filter".into(), "warn".into()),
+    ]);
+    let env: Vec<(String, String)> =
+        env.into_iter().map(|(key, value)| (format!("MCP_WORKER_{}", key.replace('.', "__").to_uppercase()), value)).collect();
+    let mut processes: Vec<Child> = (0..3).map(|_| refresher_process(&env)).collect();
+
+    wait_until("all 200 tokens are refreshed", || async { oauth.stats().refresh_successes >= 200 }).await;
+    // Give any straggler time to (wrongly) refresh again before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for process in &mut processes {
+        let _ = Command::new("kill").arg(process.id().to_string()).status();
+        let _ = process.wait();
+    }
+
+    let stats = oauth.stats();
+    assert_eq!(stats.refresh_token_reuse, 0, "a used refresh token was presented: {stats:?}");
+    assert_eq!(stats.grants_revoked, 0, "{stats:?}");
+    assert_eq!(stats.refresh_successes, 200, "each token refreshed exactly once: {stats:?}");
+    for (user, grant) in issued.iter().enumerate() {
+        let stored = tokens.get(&format!("user-{user}")).await.unwrap().unwrap();
+        assert_ne!(stored.refresh_token.expose(), &grant.refresh_token);
+        assert!(oauth.refresh_token_active(stored.refresh_token.expose()), "user-{user} holds a live refresh token");
+    }
+}
