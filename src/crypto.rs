@@ -211,6 +211,17 @@ mod tests {
     }
 
     #[test]
+    fn no_key_is_refused_unless_plaintext_is_allowed() {
+        let mut settings = EncryptionSettings { active_key: String::new(), keys: BTreeMap::new(), allow_plaintext_tokens: false };
+        let err = TokenCipher::from_settings(&settings).unwrap_err().to_string();
+        assert!(err.contains("encryption.keys"), "{err}");
+        settings.allow_plaintext_tokens = true;
+        let cipher = TokenCipher::from_settings(&settings).unwrap();
+        assert_eq!(cipher.seal(&Secret::new("t".into()), "c"), "t");
+        assert!(cipher.open(&ring("k1", &[("k1", 1)]).seal("t", "c"), "c").is_err(), "sealed values need a key");
+    }
+
+    #[test]
     fn debug_shows_key_ids_only() {
         let printed = format!("{:?}", ring("k1", &[("k1", 7)]));
         assert!(printed.contains("k1") && !printed.contains("BwcH"), "{printed}");

@@ -86,3 +86,35 @@ async fn the_unique_index_rejects_a_second_document_for_the_same_user() {
         ref other => panic!("expected a duplicate-key error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn reencrypt_moves_every_value_to_the_active_key_and_keeps_them_readable() {
+    use base64::Engine;
+    let settings = test_settings("http://127.0.0.1:9/mcp", &[]);
+    let store = Store::connect(&settings.mongodb).await.unwrap();
+    store.migrate(&embedded_migrations().unwrap()).await.unwrap();
+    let old = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
+    for user in ["u1", "u2"] {
+        store.tokens(Provider::Qlik, &old).save(user, &tokens(&format!("a-{user}"), Duration::hours(6)), Utc::now()).await.unwrap();
+    }
+
+    let mut rotated_settings = settings.encryption.keys.clone();
+    rotated_settings.insert("test2".into(), Secret::new(base64::engine::general_purpose::STANDARD.encode([9u8; 32])));
+    let rotated = Arc::new(
+        TokenCipher::from_settings(&mcp_worker::config::EncryptionSettings {
+            active_key: "test2".into(),
+            keys: rotated_settings,
+            allow_plaintext_tokens: false,
+        })
+        .unwrap(),
+    );
+    let tokens_store = store.tokens(Provider::Qlik, &rotated);
+    assert_eq!(tokens_store.reencrypt().await.unwrap(), 2);
+    assert_eq!(tokens_store.reencrypt().await.unwrap(), 0, "nothing left under the old key");
+
+    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose()).await.unwrap().database(&settings.mongodb.database);
+    let document = db.collection::<Document>("qlik_tokens").find_one(doc! { "user_id": "u1" }).await.unwrap().unwrap();
+    assert!(document.get_str("access_token").unwrap().starts_with("v1.test2."));
+    assert_eq!(tokens_store.get("u1").await.unwrap().unwrap().access_token.expose(), "a-u1");
+    assert!(store.tokens(Provider::Qlik, &old).get("u1").await.is_err(), "the old ring alone cannot read the new values");
+}
