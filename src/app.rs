@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::config::{ConfigError, Settings};
 use crate::crypto::TokenCipher;
+use crate::events::Events;
 use crate::mcp::{McpCallError, McpClients};
 use crate::oauth::OAuthClient;
 use crate::provider::Provider;
@@ -74,6 +75,7 @@ impl App {
         let broker = Broker::connect(&settings.amqp.url, "mcp-worker").await?;
         broker.declare(&topology(settings)).await?;
         let publisher = broker.publisher().await?;
+        let events = Events::new(publisher.clone(), settings.amqp.events_exchange.clone());
         let http = reqwest::Client::builder()
             .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -117,10 +119,9 @@ impl App {
                     retry_initial: Duration::from_secs(settings.refresher.retry_initial_secs),
                     retry_max: Duration::from_secs(settings.refresher.retry_max_secs),
                     rate_per_minute: provider.rate_limit_per_minute,
-                    events_exchange: settings.amqp.events_exchange.clone(),
                 };
                 let tokens = store.tokens(Provider::Qlik, &cipher);
-                let refresher = Refresher::new(tokens, client.clone(), publisher.clone(), config);
+                let refresher = Refresher::new(tokens, client.clone(), events.clone(), config);
                 let requests = broker.consume(&settings.amqp.refresh_queue, 16).await?;
                 Some((Arc::new(refresher), requests))
             }
@@ -133,8 +134,7 @@ impl App {
                 store: store.clone(),
                 cipher: cipher.clone(),
                 oauth,
-                publisher: publisher.clone(),
-                events_exchange: settings.amqp.events_exchange.clone(),
+                events: events.clone(),
                 service_key: settings.http.service_key.clone(),
                 default_return_to: settings.http.default_return_to.clone(),
                 return_to_allowlist: settings.http.return_to_allowlist.iter().filter_map(|u| reqwest::Url::parse(u).ok()).collect(),

@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod crypto;
+pub mod events;
 pub mod job;
 pub mod mcp;
 pub mod messages;

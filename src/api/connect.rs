@@ -136,7 +136,7 @@ pub(super) async fn callback(
         tracing::warn!(error = %e, "could not store tokens");
         return page(StatusCode::SERVICE_UNAVAILABLE, "Connection failed", "Please try again in a moment.");
     }
-    api.emit(TokenEventKind::Connected, provider, &pending.user_id, "connect flow completed").await;
+    api.events.emit(TokenEventKind::Connected, provider, &pending.user_id, "connect flow completed").await;
     let target = pending.return_to.unwrap_or_else(|| api.default_return_to.clone());
     let location = match reqwest::Url::parse(&target) {
         Ok(mut url) => {

@@ -78,7 +78,7 @@ pub(super) async fn disconnect(State(api): State<Arc<ApiState>>, Path((provider,
         tracing::warn!(error = %e, revocation_failed = true, "revocation failed; deleting the tokens anyway");
     }
     match tokens.delete(&user_id).await {
-        Ok(true) => api.emit(TokenEventKind::Disconnected, provider, &user_id, "disconnected").await,
+        Ok(true) => api.events.emit(TokenEventKind::Disconnected, provider, &user_id, "disconnected").await,
         Ok(false) => {}
         Err(e) => {
             tracing::warn!(error = %e, "could not delete tokens");

@@ -17,10 +17,9 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::TokenCipher;
-use crate::messages::{TokenEvent, TokenEventKind};
+use crate::events::Events;
 use crate::oauth::OAuthClient;
 use crate::provider::Provider;
-use crate::queue::Publisher;
 use crate::secret::Secret;
 use crate::store::Store;
 
@@ -29,8 +28,7 @@ pub struct ApiState {
     pub store: Store,
     pub cipher: Arc<TokenCipher>,
     pub oauth: HashMap<Provider, Arc<OAuthClient>>,
-    pub publisher: Publisher,
-    pub events_exchange: String,
+    pub events: Events,
     pub service_key: Secret<String>,
     pub default_return_to: String,
     pub return_to_allowlist: Vec<reqwest::Url>,
@@ -75,14 +73,6 @@ impl ApiState {
             .get(&provider)
             .map(|client| (provider, client))
             .ok_or_else(|| problem(StatusCode::NOT_FOUND, "this provider is not configured"))
-    }
-
-    async fn emit(&self, kind: TokenEventKind, provider: Provider, user_id: &str, reason: &str) {
-        let event = TokenEvent { user_id: user_id.to_owned(), provider, at: chrono::Utc::now(), reason: reason.to_owned() };
-        let body = serde_json::to_vec(&event).expect("an event serializes");
-        if let Err(e) = self.publisher.event(&self.events_exchange, kind.routing_key(), &body).await {
-            tracing::warn!(error = %e, event = kind.routing_key(), "could not publish a token event");
-        }
     }
 }
 

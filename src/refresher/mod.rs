@@ -29,9 +29,10 @@ use tokio_util::sync::CancellationToken;
 pub use policy::{is_due, retry_at};
 use rate::RateLimiter;
 
-use crate::messages::{RefreshRequest, TokenEvent, TokenEventKind};
+use crate::events::Events;
+use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::oauth::{FailureKind, OAuthClient};
-use crate::queue::{Jobs, Publisher};
+use crate::queue::Jobs;
 use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
 
 #[derive(Debug, Clone)]
@@ -44,7 +45,6 @@ pub struct RefresherConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub rate_per_minute: u32,
-    pub events_exchange: String,
 }
 
 /// How one refresh attempt ended, for logs and tests.
@@ -64,7 +64,7 @@ pub enum RefreshOutcome {
 pub struct Refresher {
     tokens: TokenStore,
     oauth: Arc<OAuthClient>,
-    publisher: Publisher,
+    events: Events,
     config: RefresherConfig,
     owner: String,
     limiter: RateLimiter,
@@ -72,14 +72,14 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(tokens: TokenStore, oauth: Arc<OAuthClient>, publisher: Publisher, config: RefresherConfig) -> Self {
+    pub fn new(tokens: TokenStore, oauth: Arc<OAuthClient>, events: Events, config: RefresherConfig) -> Self {
         Self {
             limiter: RateLimiter::per_minute(config.rate_per_minute),
             slots: Arc::new(Semaphore::new(config.concurrency)),
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
             tokens,
             oauth,
-            publisher,
+            events,
             config,
         }
     }
@@ -218,7 +218,7 @@ impl Refresher {
                         return Ok(RefreshOutcome::Superseded);
                     }
                     tracing::warn!(error = %e, "the provider refused the grant; the user must reconnect");
-                    self.emit(TokenEventKind::ReauthRequired, &claimed.user_id, &e.detail).await;
+                    self.events.emit(TokenEventKind::ReauthRequired, self.oauth.provider(), &claimed.user_id, &e.detail).await;
                     Ok(RefreshOutcome::ReauthRequired)
                 }
                 FailureKind::Transient { retry_after } => {
@@ -234,14 +234,6 @@ impl Refresher {
                     Ok(RefreshOutcome::RetryLater)
                 }
             },
-        }
-    }
-
-    async fn emit(&self, kind: TokenEventKind, user_id: &str, reason: &str) {
-        let event = TokenEvent { user_id: user_id.to_owned(), provider: self.oauth.provider(), at: Utc::now(), reason: reason.to_owned() };
-        let body = serde_json::to_vec(&event).expect("an event serializes");
-        if let Err(e) = self.publisher.event(&self.config.events_exchange, kind.routing_key(), &body).await {
-            tracing::warn!(error = %e, event = kind.routing_key(), "could not publish a token event");
         }
     }
 }
