@@ -92,7 +92,10 @@ impl App {
             let mcp = Arc::new(McpClients::new(&registry, settings.mcp.connect_timeout(), settings.worker.concurrency)?);
             let config = WorkerConfig {
                 concurrency: settings.worker.concurrency,
-                max_job_bytes: settings.worker.max_job_bytes,
+                job_limits: crate::job::Limits {
+                    max_bytes: settings.worker.max_job_bytes,
+                    max_depth: settings.worker.max_arguments_depth,
+                },
                 call_timeout: settings.mcp.call_timeout(),
                 dead_letter_queue: settings.amqp.dead_letter_queue.clone(),
                 clock_skew: Duration::from_secs(settings.tokens.clock_skew_secs),

@@ -165,6 +165,7 @@ pub struct MongoSettings {
 pub struct WorkerSettings {
     pub concurrency: usize,
     pub max_job_bytes: usize,
+    pub max_arguments_depth: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +287,9 @@ impl Settings {
         }
         if self.worker.concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if self.worker.max_arguments_depth == 0 || self.worker.max_arguments_depth > 100 {
+            return Err(invalid("worker.max_arguments_depth", "must be between 1 and 100"));
         }
         if self.worker.max_job_bytes < 256 {
             return Err(invalid("worker.max_job_bytes", "must be at least 256"));

@@ -51,8 +51,18 @@ impl fmt::Display for InvalidJob {
     }
 }
 
+/// Bounds on what a job may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body, in bytes.
+    pub max_bytes: usize,
+    /// Deepest nesting of `arguments` (an object of scalars is depth 1).
+    pub max_depth: usize,
+}
+
 /// Decodes a job body. Never panics; every error message names the offending field.
-pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, InvalidJob> {
+pub fn decode(body: &[u8], limits: Limits) -> Result<Job, InvalidJob> {
+    let max_bytes = limits.max_bytes;
     if body.len() > max_bytes {
         return Err(InvalidJob {
             job_id: None,
@@ -83,13 +93,33 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Job, InvalidJob> {
             return Err(fail(format!("field `{field}` is longer than {MAX_ID_LEN} bytes")));
         }
     }
+    let arguments = wire.arguments.unwrap_or_default();
+    if depth(&arguments) > limits.max_depth {
+        return Err(fail(format!("field `arguments` is nested deeper than {} levels", limits.max_depth)));
+    }
     Ok(Job {
         job_id: wire.job_id,
         user_id: wire.user_id,
         tool: wire.tool,
-        arguments: wire.arguments.unwrap_or_default(),
+        arguments,
         deadline: wire.deadline,
     })
+}
+
+/// Nesting depth of an object, without recursion (a hostile document cannot exhaust the stack).
+fn depth(arguments: &Map<String, Value>) -> usize {
+    let mut deepest = 1;
+    let mut pending: Vec<(&Value, usize)> = arguments.values().map(|v| (v, 1)).collect();
+    while let Some((value, level)) = pending.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Object(map) => Box::new(map.values()),
+            Value::Array(items) => Box::new(items.iter()),
+            _ => continue,
+        };
+        deepest = deepest.max(level + 1);
+        pending.extend(children.map(|child| (child, level + 1)));
+    }
+    deepest
 }
 
 /// Reads `job_id` from a body that failed to decode as a whole, so the error reply can still name
@@ -206,10 +236,41 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const MAX: usize = 1 << 20;
+    const MAX: Limits = Limits { max_bytes: 1 << 20, max_depth: 8 };
 
     fn reason(body: &str) -> String {
         decode(body.as_bytes(), MAX).unwrap_err().reason
+    }
+
+    #[test]
+    fn arguments_nested_too_deep_are_refused() {
+        let nested = |levels: usize| format!(r#"{{"job_id":"j","user_id":"u","tool":"t","arguments":{}1{}}}"#, r#"{"a":"#.repeat(levels), "}".repeat(levels));
+        assert!(decode(nested(8).as_bytes(), MAX).is_ok());
+        let err = decode(nested(9).as_bytes(), MAX).unwrap_err();
+        assert!(err.reason.contains("`arguments` is nested deeper than 8"), "{}", err.reason);
+        assert_eq!(err.job_id.as_deref(), Some("j"));
+        // Far deeper than serde_json's own recursion limit: refused, not a stack overflow.
+        assert!(decode(nested(100_000).as_bytes(), Limits { max_bytes: usize::MAX, max_depth: 8 }).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode(&body, MAX);
+        }
+
+        #[test]
+        fn decoding_job_shaped_json_never_panics(
+            job_id in ".{0,300}", user in proptest::option::of(".{0,40}"), tool in ".{0,40}",
+            arguments in "[\\[\\]{}:,\"a-z0-9 ]{0,80}", deadline in ".{0,40}",
+        ) {
+            let user = user.map_or("null".to_owned(), |u| serde_json::to_string(&u).unwrap());
+            let body = format!(
+                r#"{{"job_id":{},"user_id":{user},"tool":{},"arguments":{arguments},"deadline":{}}}"#,
+                serde_json::to_string(&job_id).unwrap(), serde_json::to_string(&tool).unwrap(), serde_json::to_string(&deadline).unwrap(),
+            );
+            let _ = decode(body.as_bytes(), MAX);
+        }
     }
 
     #[test]
@@ -252,7 +313,7 @@ mod tests {
 
     #[test]
     fn rejects_oversized_and_non_utf8_bodies() {
-        assert!(decode(&[b' '; 300], 256).unwrap_err().reason.contains("limit of 256"));
+        assert!(decode(&[b' '; 300], Limits { max_bytes: 256, max_depth: 8 }).unwrap_err().reason.contains("limit of 256"));
         assert!(decode(b"{\"job_id\":\"\xff\"}", MAX).unwrap_err().reason.contains("UTF-8"));
     }
 

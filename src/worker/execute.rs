@@ -60,7 +60,7 @@ enum Credential {
 
 impl Worker {
     pub(super) async fn dispose(&self, delivery: &Delivery, now: DateTime<Utc>) -> (Option<Job>, Disposition) {
-        let job = match job::decode(&delivery.body, self.config.max_job_bytes) {
+        let job = match job::decode(&delivery.body, self.config.job_limits) {
             Ok(job) => job,
             Err(invalid) => return (None, invalid_job(delivery, invalid)),
         };

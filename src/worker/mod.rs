@@ -28,7 +28,7 @@ use execute::{Disposition, RefreshNeeded, ReplyTarget};
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub concurrency: usize,
-    pub max_job_bytes: usize,
+    pub job_limits: crate::job::Limits,
     pub call_timeout: Duration,
     pub dead_letter_queue: String,
     /// Added to the call's budget: a token must be valid this much longer than the call may take.
