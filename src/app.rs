@@ -102,6 +102,7 @@ impl App {
                 max_deferrals: settings.tokens.max_deferrals,
                 delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
                 refresh_queue: settings.amqp.refresh_queue.clone(),
+                shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
             };
             let worker = Worker::new(config, registry.clone(), store.clone(), cipher.clone(), mcp, publisher.clone());
             let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;

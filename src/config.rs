@@ -166,6 +166,7 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     pub max_job_bytes: usize,
     pub max_arguments_depth: usize,
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     pub max_deferrals: u32,
     pub delay_queue: String,
     pub refresh_queue: String,
+    /// How long jobs in flight may take to finish after shutdown was asked for.
+    pub shutdown_grace: Duration,
 }
 
 pub struct Worker {
@@ -65,7 +67,8 @@ impl Worker {
         Self { config, registry, store, cipher, mcp, publisher }
     }
 
-    /// Consumes until `shutdown` fires, then stops taking jobs and waits for the ones in flight.
+    /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
+    /// grace period.
     /// Returns an error if the broker ends the consumer first.
     pub async fn run(self: Arc<Self>, mut jobs: Jobs, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
@@ -98,8 +101,17 @@ impl Worker {
         if let Err(e) = jobs.cancel().await {
             tracing::debug!(error = %e, "cancelling the consumer failed; the channel is already gone");
         }
-        // Each job is bounded by its call timeout, so this wait is bounded too.
-        while in_flight.join_next().await.is_some() {}
+        // Jobs in flight get the grace period to finish. What is still running then is dropped
+        // unacked: the broker delivers it again once this process's channel closes.
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(jobs = in_flight.len(), "grace period over; unfinished jobs are left for redelivery");
+            in_flight.abort_all();
+            while in_flight.join_next().await.is_some() {}
+        }
         result
     }
 

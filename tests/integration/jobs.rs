@@ -198,3 +198,31 @@ async fn a_job_is_not_acked_while_the_broker_refuses_its_reply() {
     assert!(server.tool_calls().len() >= 2, "the job ran {} time(s)", server.tool_calls().len());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_waits_the_grace_period_then_leaves_unfinished_jobs_for_redelivery() {
+    let server = McpServer::spawn(Flavor::V1Json).await;
+    let overrides = [("worker.shutdown_grace_secs", json!(1)), ("mcp.call_timeout_ms", json!(60_000))];
+    let app = spawn_app_with(&server.url(), &overrides).await;
+
+    app.call("job-slow", "alice", "sleep", json!({ "seconds": 30 })).await;
+    crate::support::wait_until("the slow call reached the server", || async { !server.tool_calls().is_empty() }).await;
+    let jobs_queue = app.settings.amqp.jobs_queue.clone();
+    let reply_queue = app.reply_queue.clone();
+    let channel = app.channel.clone();
+    app.stop().await;
+
+    let get = lapin::options::BasicGetOptions { no_ack: true };
+    assert!(channel.basic_get(reply_queue.as_str().into(), get).await.unwrap().is_none(), "no reply for an unfinished job");
+    let mut back = None;
+    for _ in 0..300 {
+        back = channel.basic_get(jobs_queue.as_str().into(), get).await.unwrap();
+        if back.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let back = back.expect("the unfinished job is back in the queue");
+    assert!(back.delivery.redelivered, "the broker marks it as delivered before");
+    assert!(String::from_utf8_lossy(&back.delivery.data).contains("job-slow"));
+}
