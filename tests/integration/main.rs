@@ -7,5 +7,6 @@ mod jobs;
 mod mcp_interop;
 mod migrations;
 mod refresher;
+mod secrets;
 mod store;
 mod support;

@@ -1,7 +1,7 @@
 //! The refresher against the strict in-repo OAuth server: proactive refresh, failures, the
 //! worker deferring a job rather than refreshing inline, and several processes sharing tokens.
 
-use std::process::{Child, Command};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -11,7 +11,9 @@ use mcp_worker::secret::Secret;
 use mcp_worker::store::{NewTokens, Store};
 use serde_json::{Value, json};
 
-use crate::support::{Flavor, McpServer, SERVICE_KEY, TEST_KEY, spawn_app_with_oauth, spawn_oauth, test_settings, wait_until};
+use crate::support::{
+    Flavor, McpServer, SERVICE_KEY, spawn_app_with_oauth, spawn_oauth, spawn_worker, terminate, test_settings, wait_until, worker_env,
+};
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
 
@@ -133,16 +135,6 @@ async fn a_job_whose_token_cannot_be_renewed_in_time_gets_token_unavailable() {
     assert!(server.tool_calls().is_empty());
 }
 
-/// `mcp-worker run --roles refresher` as a separate process, configured like `settings`.
-fn refresher_process(env: &[(String, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mcp-worker"))
-        .args(["run", "--roles", "refresher"])
-        .env_remove("MCP_WORKER_ENV")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .spawn()
-        .expect("mcp-worker starts")
-}
-
 #[tokio::test]
 async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token() {
     let (oauth, provider) = spawn_oauth(|_| {}).await;
@@ -163,32 +155,17 @@ async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token
         issued.push(grant);
     }
 
-    let mut env: Vec<(String, String)> = provider
-        .iter()
-        .map(|(key, value)| (key.to_string(), value.as_str().map_or_else(|| value.to_string(), str::to_owned)))
-        .filter(|(key, _)| key.starts_with("providers."))
-        .collect();
-    env.extend([
-        ("mongodb.database".into(), settings.mongodb.database.clone()),
-        ("amqp.jobs_queue".into(), settings.amqp.jobs_queue.clone()),
-        ("amqp.dead_letter_queue".into(), settings.amqp.dead_letter_queue.clone()),
-        ("amqp.refresh_queue".into(), settings.amqp.refresh_queue.clone()),
-        ("amqp.events_exchange".into(), settings.amqp.events_exchange.clone()),
-        ("encryption.active_key".into(), "test1".into()),
-        ("encryption.keys.test1".into(), TEST_KEY.into()),
-        ("refresher.interval_secs".into(), "1".into()),
-        ("telemetry.filter".into(), "warn".into()),
-    ]);
-    let env: Vec<(String, String)> =
-        env.into_iter().map(|(key, value)| (format!("MCP_WORKER_{}", key.replace('.', "__").to_uppercase()), value)).collect();
-    let mut processes: Vec<Child> = (0..3).map(|_| refresher_process(&env)).collect();
+    let mut extra = provider.clone();
+    extra.extend([("refresher.interval_secs", json!(1)), ("telemetry.filter", json!("warn"))]);
+    let env = worker_env(&settings, &extra);
+    let mut processes: Vec<Child> =
+        (0..3).map(|_| spawn_worker(&["run", "--roles", "refresher"], &env, Stdio::inherit())).collect();
 
     wait_until("all 200 tokens are refreshed", || async { oauth.stats().refresh_successes >= 200 }).await;
     // Give any straggler time to (wrongly) refresh again before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for process in &mut processes {
-        let _ = Command::new("kill").arg(process.id().to_string()).status();
-        let _ = process.wait();
+        assert!(terminate(process), "a refresher process exits cleanly on SIGTERM");
     }
 
     let stats = oauth.stats();

@@ -6,6 +6,7 @@
 
 mod mcp_server;
 mod oauth;
+mod process;
 
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
-pub use oauth::{connect_as_browser, spawn_app_with_oauth, spawn_oauth};
+pub use oauth::{connect_as_browser, connect_through, spawn_app_with_oauth, spawn_oauth};
+pub use process::{spawn_worker, terminate, worker_env};
 
 /// The encryption key of every test (base64 of 32 bytes).
 pub const TEST_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktMzJieXQ=";

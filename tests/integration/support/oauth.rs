@@ -66,9 +66,14 @@ fn no_redirects() -> reqwest::Client {
 /// authorize URL, submits the login form with `decision` (`allow`/`deny`), follows the provider's
 /// redirect to the callback. Returns what the callback answered.
 pub async fn connect_as_browser(app: &TestApp, user: &str, decision: &str) -> BrowserOutcome {
+    connect_through(&app.api, user, decision).await
+}
+
+/// [`connect_as_browser`] against the API at `api` (a base URL).
+pub async fn connect_through(api: &str, user: &str, decision: &str) -> BrowserOutcome {
     let http = no_redirects();
     let started: Value = http
-        .post(format!("{}/v1/connections/qlik/authorize", app.api))
+        .post(format!("{api}/v1/connections/qlik/authorize"))
         .bearer_auth(SERVICE_KEY)
         .json(&json!({ "user_id": user, "return_to": format!("{RETURN_TO}?from=test") }))
         .send()
