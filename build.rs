@@ -13,7 +13,9 @@ fn main() {
         .filter(|name| name.ends_with(".json"))
         .collect();
     names.sort();
-    let mut out = String::from("/// `(file name, contents)` of every migration, in order.\npub const EMBEDDED: &[(&str, &str)] = &[\n");
+    let mut out = String::from(
+        "/// `(file name, contents)` of every migration, in order.\npub const EMBEDDED: &[(&str, &str)] = &[\n",
+    );
     for name in &names {
         let digits = name.split('_').next().unwrap_or("");
         assert!(

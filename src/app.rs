@@ -81,7 +81,9 @@ impl App {
             .build()
             .map_err(|e| QueueError::Connect(e.to_string()))?;
         let oauth: HashMap<Provider, Arc<OAuthClient>> = match settings.providers.get(Provider::Qlik) {
-            Some(provider) => [(Provider::Qlik, Arc::new(OAuthClient::new(Provider::Qlik, provider, http.clone())?))].into(),
+            Some(provider) => {
+                [(Provider::Qlik, Arc::new(OAuthClient::new(Provider::Qlik, provider, http.clone())?))].into()
+            }
             None => {
                 tracing::warn!("providers.qlik is not configured: no connect flow and no token refresh");
                 HashMap::new()
@@ -89,7 +91,8 @@ impl App {
         };
 
         let worker = if roles.worker {
-            let mcp = Arc::new(McpClients::new(&registry, settings.mcp.connect_timeout(), settings.worker.concurrency)?);
+            let mcp =
+                Arc::new(McpClients::new(&registry, settings.mcp.connect_timeout(), settings.worker.concurrency)?);
             let config = WorkerConfig {
                 concurrency: settings.worker.concurrency,
                 job_limits: crate::job::Limits {
@@ -141,7 +144,12 @@ impl App {
                 events: events.clone(),
                 service_key: settings.http.service_key.clone(),
                 default_return_to: settings.http.default_return_to.clone(),
-                return_to_allowlist: settings.http.return_to_allowlist.iter().filter_map(|u| reqwest::Url::parse(u).ok()).collect(),
+                return_to_allowlist: settings
+                    .http
+                    .return_to_allowlist
+                    .iter()
+                    .filter_map(|u| reqwest::Url::parse(u).ok())
+                    .collect(),
                 state_ttl: chrono::Duration::seconds(i64::try_from(settings.http.state_ttl_secs).unwrap_or(i64::MAX)),
             };
             tracing::info!(listen = %listener.local_addr()?, "HTTP API ready");
@@ -149,7 +157,12 @@ impl App {
         } else {
             None
         };
-        tracing::info!(worker = worker.is_some(), refresher = refresher.is_some(), api = api.is_some(), "mcp-worker ready");
+        tracing::info!(
+            worker = worker.is_some(),
+            refresher = refresher.is_some(),
+            api = api.is_some(),
+            "mcp-worker ready"
+        );
         Ok(Self { broker, worker, refresher, api })
     }
 

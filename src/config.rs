@@ -355,14 +355,14 @@ fn environment() -> Env {
 }
 
 #[cfg(test)]
+// figment::Jail's closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::providers::Serialized;
 
     fn with(key: &str, value: impl serde::Serialize) -> Result<Settings, ConfigError> {
-        Settings::from_figment(
-            Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(key, value)),
-        )
+        Settings::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(key, value)))
     }
 
     #[test]

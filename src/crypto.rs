@@ -146,7 +146,9 @@ impl TokenCipher {
     pub fn open(&self, stored: &str, context: &str) -> Result<Secret<String>, CryptoError> {
         match self {
             TokenCipher::Sealed(ring) => ring.open(stored, context),
-            TokenCipher::Plaintext if parse(stored).is_some() => Err(CryptoError::UnknownKey("(no keys configured)".into())),
+            TokenCipher::Plaintext if parse(stored).is_some() => {
+                Err(CryptoError::UnknownKey("(no keys configured)".into()))
+            }
             TokenCipher::Plaintext => Ok(Secret::new(stored.to_owned())),
         }
     }
@@ -212,7 +214,8 @@ mod tests {
 
     #[test]
     fn no_key_is_refused_unless_plaintext_is_allowed() {
-        let mut settings = EncryptionSettings { active_key: String::new(), keys: BTreeMap::new(), allow_plaintext_tokens: false };
+        let mut settings =
+            EncryptionSettings { active_key: String::new(), keys: BTreeMap::new(), allow_plaintext_tokens: false };
         let err = TokenCipher::from_settings(&settings).unwrap_err().to_string();
         assert!(err.contains("encryption.keys"), "{err}");
         settings.allow_plaintext_tokens = true;

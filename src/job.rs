@@ -97,13 +97,7 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Job, InvalidJob> {
     if depth(&arguments) > limits.max_depth {
         return Err(fail(format!("field `arguments` is nested deeper than {} levels", limits.max_depth)));
     }
-    Ok(Job {
-        job_id: wire.job_id,
-        user_id: wire.user_id,
-        tool: wire.tool,
-        arguments,
-        deadline: wire.deadline,
-    })
+    Ok(Job { job_id: wire.job_id, user_id: wire.user_id, tool: wire.tool, arguments, deadline: wire.deadline })
 }
 
 /// Nesting depth of an object, without recursion (a hostile document cannot exhaust the stack).
@@ -129,10 +123,7 @@ fn salvage_job_id(text: &str) -> Option<String> {
     struct IdOnly {
         job_id: String,
     }
-    serde_json::from_str::<IdOnly>(text)
-        .ok()
-        .map(|x| x.job_id)
-        .filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN)
+    serde_json::from_str::<IdOnly>(text).ok().map(|x| x.job_id).filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN)
 }
 
 /// Error codes of a reply. See docs/CONTRACT.md for what each means to the caller.
@@ -244,7 +235,13 @@ mod tests {
 
     #[test]
     fn arguments_nested_too_deep_are_refused() {
-        let nested = |levels: usize| format!(r#"{{"job_id":"j","user_id":"u","tool":"t","arguments":{}1{}}}"#, r#"{"a":"#.repeat(levels), "}".repeat(levels));
+        let nested = |levels: usize| {
+            format!(
+                r#"{{"job_id":"j","user_id":"u","tool":"t","arguments":{}1{}}}"#,
+                r#"{"a":"#.repeat(levels),
+                "}".repeat(levels)
+            )
+        };
         assert!(decode(nested(8).as_bytes(), MAX).is_ok());
         let err = decode(nested(9).as_bytes(), MAX).unwrap_err();
         assert!(err.reason.contains("`arguments` is nested deeper than 8"), "{}", err.reason);
@@ -313,7 +310,9 @@ mod tests {
 
     #[test]
     fn rejects_oversized_and_non_utf8_bodies() {
-        assert!(decode(&[b' '; 300], Limits { max_bytes: 256, max_depth: 8 }).unwrap_err().reason.contains("limit of 256"));
+        assert!(
+            decode(&[b' '; 300], Limits { max_bytes: 256, max_depth: 8 }).unwrap_err().reason.contains("limit of 256")
+        );
         assert!(decode(b"{\"job_id\":\"\xff\"}", MAX).unwrap_err().reason.contains("UTF-8"));
     }
 

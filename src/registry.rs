@@ -101,7 +101,10 @@ impl Registry {
                 if a.tools.overlaps(&b.tools) {
                     return Err(ConfigError::Invalid {
                         key: format!("mcp.servers.{}", b.name),
-                        problem: format!("serves tools that server `{}` also serves; a tool must route to one server", a.name),
+                        problem: format!(
+                            "serves tools that server `{}` also serves; a tool must route to one server",
+                            a.name
+                        ),
                     });
                 }
             }
@@ -207,7 +210,11 @@ mod tests {
     #[test]
     fn the_credential_follows_the_template_and_is_sensitive() {
         let mut s = server(Some("q"), None);
-        s.auth = Some(AuthSettings { provider: Provider::Qlik, header: "Authorization".into(), value: "Bearer {token}".into() });
+        s.auth = Some(AuthSettings {
+            provider: Provider::Qlik,
+            header: "Authorization".into(),
+            value: "Bearer {token}".into(),
+        });
         let r = registry(vec![("q", s)]).unwrap();
         let auth = r.route("q1").unwrap().auth.as_ref().unwrap();
         let header = auth.credential(&Secret::new("abc".to_owned())).unwrap();

@@ -102,7 +102,11 @@ pub(super) async fn callback(
         Err(_) => return page(StatusCode::NOT_FOUND, "Unknown provider", "This connection does not exist."),
     };
     let Some(state) = query.get("state") else {
-        return page(StatusCode::BAD_REQUEST, "Connection failed", "The request has no state. Start again from the chat.");
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Connection failed",
+            "The request has no state. Start again from the chat.",
+        );
     };
     let now = Utc::now();
     let pending = match api.store.states(&api.cipher).take(state, provider, now).await {
@@ -129,7 +133,11 @@ pub(super) async fn callback(
         Ok(tokens) => tokens,
         Err(e) => {
             tracing::warn!(error = %e, "code exchange failed");
-            return page(StatusCode::BAD_REQUEST, "Connection failed", "The provider did not accept the sign-in. Start again from the chat.");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Connection failed",
+                "The provider did not accept the sign-in. Start again from the chat.",
+            );
         }
     };
     if let Err(e) = api.store.tokens(provider, &api.cipher).save(&pending.user_id, &tokens, Utc::now()).await {

@@ -25,7 +25,11 @@ pub(super) struct ConnectionStatus {
 
 /// `GET /v1/connections/{provider}/{user_id}`: never includes a token value.
 #[tracing::instrument(skip_all)]
-pub(super) async fn status(State(api): State<Arc<ApiState>>, Path((provider, user_id)): Path<(String, String)>, headers: HeaderMap) -> Response {
+pub(super) async fn status(
+    State(api): State<Arc<ApiState>>,
+    Path((provider, user_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     if !api.authorized(&headers) {
         return unauthorized();
     }
@@ -34,7 +38,8 @@ pub(super) async fn status(State(api): State<Arc<ApiState>>, Path((provider, use
         Err(response) => return response,
     };
     match api.store.tokens(provider, &api.cipher).get(&user_id).await {
-        Ok(None) => Json(ConnectionStatus { connected: false, status: None, expires_at: None, updated_at: None }).into_response(),
+        Ok(None) => Json(ConnectionStatus { connected: false, status: None, expires_at: None, updated_at: None })
+            .into_response(),
         Ok(Some(token)) => Json(ConnectionStatus {
             connected: true,
             status: Some(match token.status {
@@ -55,7 +60,11 @@ pub(super) async fn status(State(api): State<Arc<ApiState>>, Path((provider, use
 /// `DELETE /v1/connections/{provider}/{user_id}`: revokes at the provider (best effort), deletes,
 /// and answers 204 whether or not anything was stored.
 #[tracing::instrument(skip_all)]
-pub(super) async fn disconnect(State(api): State<Arc<ApiState>>, Path((provider, user_id)): Path<(String, String)>, headers: HeaderMap) -> Response {
+pub(super) async fn disconnect(
+    State(api): State<Arc<ApiState>>,
+    Path((provider, user_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     if !api.authorized(&headers) {
         return unauthorized();
     }

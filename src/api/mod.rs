@@ -45,7 +45,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ApiState>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
@@ -64,6 +68,9 @@ impl ApiState {
         }
     }
 
+    /// The provider named in the path and its client, or the response that refuses the request.
+    // The error is a finished HTTP response, built at most once per request: its size is moot.
+    #[allow(clippy::result_large_err)]
     fn client(&self, provider: &str) -> Result<(Provider, &Arc<OAuthClient>), Response> {
         let provider = match provider {
             "qlik" => Provider::Qlik,

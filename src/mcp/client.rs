@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rmcp::RoleClient;
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation, ProtocolVersion,
-    ServerResult,
+    CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation,
+    ProtocolVersion, ServerResult,
 };
 use rmcp::service::{ClientLifecycleMode, ClientServiceExt, PeerRequestOptions, RunningService, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfig, StreamableHttpError};
-use rmcp::RoleClient;
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
@@ -79,15 +79,17 @@ impl McpClient {
     ) -> Result<Value, McpCallError> {
         let call = async {
             let session = self.session().await?;
-            let mut request = CallToolRequest::new(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments));
+            let mut request =
+                CallToolRequest::new(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments));
             if let Some(credential) = credential {
                 request.extensions.insert(credential);
             }
             let options = PeerRequestOptions::no_options();
-            let outcome = match session.peer().send_request_with_option(ClientRequest::CallToolRequest(request), options).await {
-                Ok(handle) => handle.await_response().await,
-                Err(e) => Err(e),
-            };
+            let outcome =
+                match session.peer().send_request_with_option(ClientRequest::CallToolRequest(request), options).await {
+                    Ok(handle) => handle.await_response().await,
+                    Err(e) => Err(e),
+                };
             if matches!(outcome, Err(ServiceError::TransportClosed)) || session.is_transport_closed() {
                 self.forget(&session).await;
             }
@@ -129,15 +131,14 @@ impl McpClient {
     async fn connect(&self) -> Result<Session, McpCallError> {
         let config = StreamableHttpClientTransportConfig::with_uri(self.url.as_str())
             .max_concurrent_requests(self.max_concurrent_calls);
-        let transport = StreamableHttpClientTransport::with_client(CredentialClient { http: self.http.clone() }, config);
+        let transport =
+            StreamableHttpClientTransport::with_client(CredentialClient { http: self.http.clone() }, config);
         let info = ClientConfig::new(
             ClientCapabilities::default(),
             Implementation::new("mcp-worker", env!("CARGO_PKG_VERSION")),
         );
-        let lifecycle = ClientLifecycleMode::Auto {
-            preferred_versions: vec![ProtocolVersion::LATEST],
-            legacy_version: None,
-        };
+        let lifecycle =
+            ClientLifecycleMode::Auto { preferred_versions: vec![ProtocolVersion::LATEST], legacy_version: None };
         let unavailable = |detail: String| McpCallError::Unavailable { server: self.server.clone(), detail };
         let session = tokio::time::timeout(self.connect_timeout, info.serve_with_lifecycle(transport, lifecycle))
             .await
@@ -152,13 +153,13 @@ impl McpClient {
         match error {
             ServiceError::McpError(e) => McpCallError::Rpc { server, code: e.code.0, message: e.message.into_owned() },
             ServiceError::Timeout { timeout } => McpCallError::Timeout { server, after: timeout },
-            ServiceError::TransportClosed => McpCallError::Unavailable { server, detail: "the connection closed".into() },
-            ServiceError::TransportSend(e) => {
-                match e.error.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
-                    Some(http) => classify_http(server, http),
-                    None => McpCallError::Unavailable { server, detail: e.error.to_string() },
-                }
+            ServiceError::TransportClosed => {
+                McpCallError::Unavailable { server, detail: "the connection closed".into() }
             }
+            ServiceError::TransportSend(e) => match e.error.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+                Some(http) => classify_http(server, http),
+                None => McpCallError::Unavailable { server, detail: e.error.to_string() },
+            },
             other => McpCallError::Protocol { server, detail: other.to_string() },
         }
     }

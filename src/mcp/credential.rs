@@ -65,8 +65,7 @@ impl StreamableHttpClient for CredentialClient {
     ) -> Result<StreamableHttpPostResponse, StreamableHttpError<Self::Error>> {
         let mut limits = StreamableHttpResponseLimits::default();
         limits.max_sse_event_size = max_sse_event_size;
-        self.post_message_with_response_limits(uri, message, session_id, auth_header, custom_headers, limits)
-            .await
+        self.post_message_with_response_limits(uri, message, session_id, auth_header, custom_headers, limits).await
     }
 
     async fn post_message_with_response_limits(
@@ -81,9 +80,7 @@ impl StreamableHttpClient for CredentialClient {
         if let Some(credential) = credential_of(&message) {
             custom_headers.insert(credential.name.clone(), credential.value.clone());
         }
-        self.http
-            .post_message_with_response_limits(uri, message, session_id, auth_header, custom_headers, limits)
-            .await
+        self.http.post_message_with_response_limits(uri, message, session_id, auth_header, custom_headers, limits).await
     }
 
     async fn delete_session(
@@ -117,7 +114,14 @@ impl StreamableHttpClient for CredentialClient {
         max_sse_event_size: usize,
     ) -> Result<BoxStream<'static, Result<Sse, SseError>>, StreamableHttpError<Self::Error>> {
         self.http
-            .get_stream_with_max_sse_event_size(uri, session_id, last_event_id, auth_header, custom_headers, max_sse_event_size)
+            .get_stream_with_max_sse_event_size(
+                uri,
+                session_id,
+                last_event_id,
+                auth_header,
+                custom_headers,
+                max_sse_event_size,
+            )
             .await
     }
 }

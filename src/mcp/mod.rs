@@ -23,7 +23,11 @@ pub struct McpClients {
 
 impl McpClients {
     /// Creates the clients; none connects until its first call.
-    pub fn new(registry: &Registry, connect_timeout: Duration, max_concurrent_calls: usize) -> Result<Self, McpCallError> {
+    pub fn new(
+        registry: &Registry,
+        connect_timeout: Duration,
+        max_concurrent_calls: usize,
+    ) -> Result<Self, McpCallError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(connect_timeout)
@@ -33,7 +37,8 @@ impl McpClients {
             .servers()
             .iter()
             .map(|server| {
-                let client = McpClient::new(&server.name, &server.url, http.clone(), connect_timeout, max_concurrent_calls);
+                let client =
+                    McpClient::new(&server.name, &server.url, http.clone(), connect_timeout, max_concurrent_calls);
                 (server.name.clone(), client)
             })
             .collect();

@@ -26,9 +26,16 @@ pub fn classify(status: Option<u16>, error: Option<&str>, retry_after: Option<Du
         (Some(429), _) => FailureKind::Transient { retry_after },
         (Some(s), _) if s >= 500 => FailureKind::Transient { retry_after },
         (Some(_), Some("invalid_grant")) => FailureKind::Permanent,
-        (Some(_), Some("invalid_client" | "unauthorized_client" | "invalid_request" | "unsupported_grant_type" | "invalid_scope")) => {
-            FailureKind::Misconfigured
-        }
+        (
+            Some(_),
+            Some(
+                "invalid_client"
+                | "unauthorized_client"
+                | "invalid_request"
+                | "unsupported_grant_type"
+                | "invalid_scope",
+            ),
+        ) => FailureKind::Misconfigured,
         // Qlik answers a used or invalid refresh token with a bare 401, and 403 when the user is
         // disabled or has too many tokens: both about the grant.
         (Some(401 | 403), _) => FailureKind::Permanent,

@@ -111,7 +111,12 @@ impl OAuthClient {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %self.provider))]
-    pub async fn exchange_code(&self, code: &str, verifier: &Secret<String>, now: DateTime<Utc>) -> Result<NewTokens, OAuthError> {
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        verifier: &Secret<String>,
+        now: DateTime<Utc>,
+    ) -> Result<NewTokens, OAuthError> {
         let observed = Arc::new(Mutex::new(Observed::default()));
         let response = self
             .client
@@ -162,8 +167,13 @@ impl OAuthClient {
                 form.push(("client_secret", self.client_secret.expose()));
             }
         }
-        let failed = |status: Option<u16>, detail: String| OAuthError { provider: self.provider, kind: failure::classify(status, None, None), detail };
-        let response = request.form(&form).send().await.map_err(|e| failed(None, format!("revocation request failed: {e}")))?;
+        let failed = |status: Option<u16>, detail: String| OAuthError {
+            provider: self.provider,
+            kind: failure::classify(status, None, None),
+            detail,
+        };
+        let response =
+            request.form(&form).send().await.map_err(|e| failed(None, format!("revocation request failed: {e}")))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
@@ -172,7 +182,12 @@ impl OAuthClient {
         }
     }
 
-    fn tokens(&self, response: &oauth2::basic::BasicTokenResponse, refresh_token: Secret<String>, now: DateTime<Utc>) -> NewTokens {
+    fn tokens(
+        &self,
+        response: &oauth2::basic::BasicTokenResponse,
+        refresh_token: Secret<String>,
+        now: DateTime<Utc>,
+    ) -> NewTokens {
         let lifetime = response.expires_in().unwrap_or(self.default_lifetime);
         NewTokens {
             access_token: Secret::new(response.access_token().secret().clone()),
@@ -204,7 +219,11 @@ impl OAuthClient {
         // A request that never got an answer has no status; one that got an answer it could not
         // parse is classified by its status alone.
         let status = if matches!(error, RequestTokenError::Request(_)) { None } else { seen.status };
-        OAuthError { provider: self.provider, kind: failure::classify(status, code.as_deref(), seen.retry_after), detail }
+        OAuthError {
+            provider: self.provider,
+            kind: failure::classify(status, code.as_deref(), seen.retry_after),
+            detail,
+        }
     }
 }
 

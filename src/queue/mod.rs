@@ -45,9 +45,8 @@ impl Broker {
     pub async fn connect(url: &Secret<String>, name: &str) -> Result<Self, QueueError> {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         // lapin's error text does not contain the URL, so the password cannot leak through it.
-        let connection = Connection::connect(url.expose(), properties)
-            .await
-            .map_err(|e| QueueError::Connect(e.to_string()))?;
+        let connection =
+            Connection::connect(url.expose(), properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
         Ok(Self { connection })
     }
 
@@ -114,7 +113,8 @@ pub struct Delivery {
 impl From<lapin::message::Delivery> for Delivery {
     fn from(mut inner: lapin::message::Delivery) -> Self {
         let props = &inner.properties;
-        let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned()).filter(|s| !s.is_empty());
+        let text =
+            |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned()).filter(|s| !s.is_empty());
         Self {
             reply_to: text(props.reply_to()),
             correlation_id: text(props.correlation_id()),

@@ -3,7 +3,9 @@
 //! Jobs live in a durable **quorum** queue: replicated, persistent, and with a broker-enforced
 //! delivery limit, so a message that keeps failing (or keeps crashing workers) is dead-lettered
 //! after `delivery_limit` deliveries instead of looping forever. Jobs waiting for a token refresh
-//! sit in a delay queue whose message TTL dead-letters them back into the jobs queue.
+//! sit in a delay queue whose message TTL dead-letters them back into the jobs queue. The other
+//! queues are durable classic queues: they need no delivery limit, and every quorum queue is a
+//! Raft group of its own, which RabbitMQ advises against creating more of than needed.
 
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -38,8 +40,8 @@ impl Topology {
             async move { channel.queue_declare(name.as_str().into(), durable, args).await.map_err(|e| refused(&name, e)) }
         };
 
-        declare(&self.dead_letter_queue, quorum()).await?;
-        declare(&self.refresh_queue, quorum()).await?;
+        declare(&self.dead_letter_queue, FieldTable::default()).await?;
+        declare(&self.refresh_queue, FieldTable::default()).await?;
 
         let mut jobs = quorum();
         jobs.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));

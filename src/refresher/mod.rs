@@ -172,7 +172,11 @@ impl Refresher {
     }
 
     /// Refreshes one user's token now if it expires before `needed_until` (or is due anyway).
-    pub async fn refresh_user(&self, user_id: &str, needed_until: DateTime<Utc>) -> Result<Option<RefreshOutcome>, StoreError> {
+    pub async fn refresh_user(
+        &self,
+        user_id: &str,
+        needed_until: DateTime<Utc>,
+    ) -> Result<Option<RefreshOutcome>, StoreError> {
         let Some(token) = self.tokens.get(user_id).await? else { return Ok(None) };
         let needed = token.expires_at < needed_until || is_due(Utc::now(), token.expires_at, self.config.lead);
         if token.status != TokenStatus::Active || !needed {
@@ -218,17 +222,33 @@ impl Refresher {
                         return Ok(RefreshOutcome::Superseded);
                     }
                     tracing::warn!(error = %e, "the provider refused the grant; the user must reconnect");
-                    self.events.emit(TokenEventKind::ReauthRequired, self.oauth.provider(), &claimed.user_id, &e.detail).await;
+                    self.events
+                        .emit(TokenEventKind::ReauthRequired, self.oauth.provider(), &claimed.user_id, &e.detail)
+                        .await;
                     Ok(RefreshOutcome::ReauthRequired)
                 }
                 FailureKind::Transient { retry_after } => {
-                    let at = retry_at(Utc::now(), claimed.failures, self.config.retry_initial, self.config.retry_max, retry_after, rand::random());
+                    let at = retry_at(
+                        Utc::now(),
+                        claimed.failures,
+                        self.config.retry_initial,
+                        self.config.retry_max,
+                        retry_after,
+                        rand::random(),
+                    );
                     tracing::info!(error = %e, retry_at = %at, "transient refresh failure; retrying later");
                     self.tokens.release(&claimed, at).await?;
                     Ok(RefreshOutcome::RetryLater)
                 }
                 FailureKind::Misconfigured => {
-                    let at = retry_at(Utc::now(), claimed.failures, self.config.retry_initial, self.config.retry_max, None, rand::random());
+                    let at = retry_at(
+                        Utc::now(),
+                        claimed.failures,
+                        self.config.retry_initial,
+                        self.config.retry_max,
+                        None,
+                        rand::random(),
+                    );
                     tracing::error!(error = %e, "the provider refuses this client: check providers.* settings");
                     self.tokens.release(&claimed, at).await?;
                     Ok(RefreshOutcome::RetryLater)

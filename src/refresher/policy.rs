@@ -12,7 +12,14 @@ pub fn is_due(now: DateTime<Utc>, expires_at: DateTime<Utc>, lead: Duration) -> 
 /// When to try a token again after a transient failure: exponential backoff from `initial` (the
 /// `failures`-th in a row), at most `max`, never sooner than the provider's `Retry-After`, spread
 /// by `jitter` in [0, 1) over the upper half of the delay so replicas do not retry in step.
-pub fn retry_at(now: DateTime<Utc>, failures: u32, initial: Duration, max: Duration, retry_after: Option<Duration>, jitter: f64) -> DateTime<Utc> {
+pub fn retry_at(
+    now: DateTime<Utc>,
+    failures: u32,
+    initial: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> DateTime<Utc> {
     let exponential = initial.saturating_mul(1u32 << failures.min(16)).min(max);
     let spread = exponential.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0);
     let delay = spread.max(retry_after.unwrap_or_default()).max(Duration::from_millis(1));
@@ -38,7 +45,9 @@ mod tests {
     #[test]
     fn backoff_grows_is_capped_and_honours_retry_after() {
         let (initial, max) = (Duration::from_secs(5), Duration::from_secs(300));
-        let secs = |failures, retry_after, jitter| (retry_at(at(0), failures, initial, max, retry_after, jitter) - at(0)).num_milliseconds();
+        let secs = |failures, retry_after, jitter| {
+            (retry_at(at(0), failures, initial, max, retry_after, jitter) - at(0)).num_milliseconds()
+        };
         assert_eq!(secs(0, None, 1.0), 5_000);
         assert_eq!(secs(0, None, 0.0), 2_500, "jitter spreads over the upper half");
         assert_eq!(secs(3, None, 1.0), 40_000);

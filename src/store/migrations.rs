@@ -56,8 +56,10 @@ pub enum MigrationStatus {
 pub enum MigrationError {
     #[error("migration file {file} is invalid: {problem}")]
     InvalidFile { file: String, problem: String },
-    #[error("migration {id} was applied with checksum {applied} but its file now has checksum {current}; \
-             applied migrations must never change, add a new one instead")]
+    #[error(
+        "migration {id} was applied with checksum {applied} but its file now has checksum {current}; \
+             applied migrations must never change, add a new one instead"
+    )]
     ChecksumMismatch { id: String, applied: String, current: String },
     #[error("migration {id} is recorded as applied but this binary does not have it; is it older than the database?")]
     UnknownApplied { id: String },
@@ -189,7 +191,9 @@ mod tests {
 
     #[test]
     fn invalid_files_are_named() {
-        for (name, body) in [("0002.txt", "{}"), ("0002_x.json", "{"), ("0002_x.json", r#"{"description":"d","commands":[]}"#)] {
+        for (name, body) in
+            [("0002.txt", "{}"), ("0002_x.json", "{"), ("0002_x.json", r#"{"description":"d","commands":[]}"#)]
+        {
             let err = Migration::parse(name, body).unwrap_err().to_string();
             assert!(err.contains(name), "{err}");
         }

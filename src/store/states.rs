@@ -67,11 +67,18 @@ impl StateStore {
     /// Removes and returns the flow for `state` if it exists, is for `provider` and has not
     /// expired. A second call with the same state finds nothing.
     #[tracing::instrument(skip_all)]
-    pub async fn take(&self, state: &str, provider: Provider, now: DateTime<Utc>) -> Result<Option<PendingConnect>, StoreError> {
+    pub async fn take(
+        &self,
+        state: &str,
+        provider: Provider,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PendingConnect>, StoreError> {
         let key = key(state);
         let filter = doc! { "_id": &key, "provider": provider.as_str(), "expires_at": { "$gt": bson_date(now) } };
         let Some(d) = self.collection.find_one_and_delete(filter).await? else { return Ok(None) };
-        let read = |field: &str| d.get_str(field).map(str::to_owned).map_err(|_| StoreError::Unreadable(format!("{COLLECTION}.{field}")));
+        let read = |field: &str| {
+            d.get_str(field).map(str::to_owned).map_err(|_| StoreError::Unreadable(format!("{COLLECTION}.{field}")))
+        };
         let sealed = read("pkce_verifier")?;
         let pkce_verifier = self
             .cipher

@@ -236,7 +236,8 @@ impl TokenStore {
             "$set": { "lease_owner": owner, "lease_until": bson_date(now + lease) },
             "$inc": { "version": 1_i64 },
         };
-        let claimed = self.collection.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
+        let claimed =
+            self.collection.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
         let Some(d) = claimed else { return Ok(None) };
         Ok(Some(ClaimedToken {
             refresh_token: self.open(&d.user_id, "refresh_token", &d.refresh_token)?,
@@ -262,7 +263,12 @@ impl TokenStore {
     /// Stores refreshed tokens if the lease still holds. `false` means the document moved on
     /// (reconnected, deleted, or taken over after the lease ran out) and nothing was written.
     #[tracing::instrument(skip_all)]
-    pub async fn complete_refresh(&self, claimed: &ClaimedToken, tokens: &NewTokens, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub async fn complete_refresh(
+        &self,
+        claimed: &ClaimedToken,
+        tokens: &NewTokens,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let (access, refresh) = self.seal_tokens(&claimed.user_id, tokens);
         let update = doc! {
             "$set": {

@@ -69,7 +69,8 @@ impl Worker {
             let reply = Reply::error(Some(&job.job_id), ErrorCode::InvalidJob, reason.clone());
             return (Some(job), Disposition::DeadLetter { reason, to: None, reply });
         };
-        let to = ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
+        let to =
+            ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
         let disposition = match self.execute(&job, now).await {
             Ok(reply) => Disposition::Reply { to, reply },
             Err(refresh) if delivery.deferrals < self.config.max_deferrals => {
@@ -77,7 +78,11 @@ impl Worker {
             }
             Err(RefreshNeeded { provider, .. }) => {
                 let message = format!("the user's {provider} token could not be renewed in time; try again later");
-                Disposition::Reply { to, reply: Reply::error(Some(&job.job_id), ErrorCode::TokenUnavailable, message).with_provider(provider) }
+                Disposition::Reply {
+                    to,
+                    reply: Reply::error(Some(&job.job_id), ErrorCode::TokenUnavailable, message)
+                        .with_provider(provider),
+                }
             }
         };
         (Some(job), disposition)
@@ -88,7 +93,11 @@ impl Worker {
     async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Result<Reply, RefreshNeeded> {
         let id = Some(job.job_id.as_str());
         let Some(server) = self.registry.route(&job.tool) else {
-            return Ok(Reply::error(id, ErrorCode::UnknownTool, format!("no MCP server serves the tool `{}`", job.tool)));
+            return Ok(Reply::error(
+                id,
+                ErrorCode::UnknownTool,
+                format!("no MCP server serves the tool `{}`", job.tool),
+            ));
         };
         let Ok(budget) = policy::call_budget(now, job.deadline, self.config.call_timeout) else {
             return Ok(deadline_exceeded(job));
@@ -131,7 +140,9 @@ impl Worker {
         match policy::token_verdict(now, token.expires_at, token.status == TokenStatus::ReauthRequired, min_remaining) {
             TokenVerdict::Use => match auth.credential(&token.access_token) {
                 Ok(header) => Credential::Header(Some(header)),
-                Err(e) => Credential::Refused(Reply::error(id, ErrorCode::Internal, e.to_string()).with_provider(provider)),
+                Err(e) => {
+                    Credential::Refused(Reply::error(id, ErrorCode::Internal, e.to_string()).with_provider(provider))
+                }
             },
             TokenVerdict::Refresh => Credential::Refresh(RefreshNeeded {
                 provider,
@@ -139,7 +150,9 @@ impl Worker {
                 until: now + chrono::Duration::from_std(min_remaining).unwrap_or(chrono::Duration::MAX),
             }),
             TokenVerdict::ReauthRequired => {
-                let message = format!("the user's {provider} authorization was revoked or expired; send them through the connect flow");
+                let message = format!(
+                    "the user's {provider} authorization was revoked or expired; send them through the connect flow"
+                );
                 Credential::Refused(Reply::error(id, ErrorCode::ReauthRequired, message).with_provider(provider))
             }
         }
@@ -147,15 +160,19 @@ impl Worker {
 }
 
 fn deadline_exceeded(job: &Job) -> Reply {
-    Reply::error(Some(&job.job_id), ErrorCode::DeadlineExceeded, "the job's deadline passed before the tool could be called")
+    Reply::error(
+        Some(&job.job_id),
+        ErrorCode::DeadlineExceeded,
+        "the job's deadline passed before the tool could be called",
+    )
 }
 
 fn invalid_job(delivery: &Delivery, invalid: InvalidJob) -> Disposition {
     let job_id = invalid.job_id.or_else(|| delivery.message_id.clone());
     let reply = Reply::error(job_id.as_deref(), ErrorCode::InvalidJob, invalid.reason.clone());
-    let to = delivery.reply_to.clone().map(|queue| ReplyTarget {
-        queue,
-        correlation_id: delivery.correlation_id.clone().or_else(|| job_id.clone()),
-    });
+    let to = delivery
+        .reply_to
+        .clone()
+        .map(|queue| ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| job_id.clone()) });
     Disposition::DeadLetter { reason: invalid.reason, to, reply }
 }

@@ -103,10 +103,9 @@ impl Worker {
         }
         // Jobs in flight get the grace period to finish. What is still running then is dropped
         // unacked: the broker delivers it again once this process's channel closes.
-        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(self.config.shutdown_grace, async { while in_flight.join_next().await.is_some() {} })
+                .await;
         if drained.is_err() {
             tracing::warn!(jobs = in_flight.len(), "grace period over; unfinished jobs are left for redelivery");
             in_flight.abort_all();
@@ -164,7 +163,8 @@ impl Worker {
     /// Asks the refresher to renew the user's token now. Best effort: if the request is lost, the
     /// refresher's next scan finds the token anyway, since it expires within the lead time.
     async fn request_refresh(&self, needed: &RefreshNeeded) {
-        let request = RefreshRequest { provider: needed.provider, user_id: needed.user_id.clone(), needed_until: needed.until };
+        let request =
+            RefreshRequest { provider: needed.provider, user_id: needed.user_id.clone(), needed_until: needed.until };
         let body = serde_json::to_vec(&request).expect("a refresh request serializes");
         if let Err(e) = self.publisher.send(&self.config.refresh_queue, &body).await {
             tracing::warn!(error = %e, "could not ask the refresher for an early refresh");

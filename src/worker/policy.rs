@@ -22,7 +22,11 @@ pub struct CallBudget {
 pub struct DeadlinePassed;
 
 /// The time a call may take: the configured timeout, cut to what is left before the deadline.
-pub fn call_budget(now: DateTime<Utc>, deadline: Option<DateTime<Utc>>, call_timeout: Duration) -> Result<CallBudget, DeadlinePassed> {
+pub fn call_budget(
+    now: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+    call_timeout: Duration,
+) -> Result<CallBudget, DeadlinePassed> {
     let Some(deadline) = deadline else {
         return Ok(CallBudget { timeout: call_timeout, limited_by_deadline: false });
     };
@@ -49,7 +53,12 @@ pub enum TokenVerdict {
 
 /// A token is usable when it stays valid for the whole call: at least `min_remaining` (the call's
 /// budget plus clock skew) must be left of it.
-pub fn token_verdict(now: DateTime<Utc>, expires_at: DateTime<Utc>, reauth_required: bool, min_remaining: Duration) -> TokenVerdict {
+pub fn token_verdict(
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    reauth_required: bool,
+    min_remaining: Duration,
+) -> TokenVerdict {
     if reauth_required {
         return TokenVerdict::ReauthRequired;
     }
@@ -120,6 +129,9 @@ mod tests {
         assert_eq!(error_code(&down, by_config), ErrorCode::McpUnavailable);
         let rpc = McpCallError::Rpc { server: "s".into(), code: -32602, message: "unknown tool".into() };
         assert_eq!(error_code(&rpc, by_config), ErrorCode::McpProtocolError);
-        assert_eq!(error_code(&McpCallError::Unauthorized { server: "s".into() }, by_config), ErrorCode::McpProtocolError);
+        assert_eq!(
+            error_code(&McpCallError::Unauthorized { server: "s".into() }, by_config),
+            ErrorCode::McpProtocolError
+        );
     }
 }

@@ -127,7 +127,8 @@ async fn a_passed_deadline_is_answered_without_calling_the_server() {
     let app = spawn_app(&server.url()).await;
     app.store_token("alice", "t").await;
 
-    let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "qlik_whoami", "deadline": "2020-01-01T00:00:00Z" });
+    let job =
+        json!({ "job_id": "job-1", "user_id": "alice", "tool": "qlik_whoami", "deadline": "2020-01-01T00:00:00Z" });
     app.publish(&serde_json::to_vec(&job).unwrap(), None).await;
     let (reply, _) = app.next_reply().await;
     assert_eq!(reply["error"]["code"], "deadline_exceeded", "{reply}");
@@ -213,7 +214,10 @@ async fn shutdown_waits_the_grace_period_then_leaves_unfinished_jobs_for_redeliv
     app.stop().await;
 
     let get = lapin::options::BasicGetOptions { no_ack: true };
-    assert!(channel.basic_get(reply_queue.as_str().into(), get).await.unwrap().is_none(), "no reply for an unfinished job");
+    assert!(
+        channel.basic_get(reply_queue.as_str().into(), get).await.unwrap().is_none(),
+        "no reply for an unfinished job"
+    );
     let mut back = None;
     for _ in 0..300 {
         back = channel.basic_get(jobs_queue.as_str().into(), get).await.unwrap();

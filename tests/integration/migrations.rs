@@ -8,7 +8,10 @@ use crate::support::test_settings;
 async fn fresh_store() -> (Store, mongodb::Database) {
     let settings = test_settings("http://127.0.0.1:9/mcp", &[]);
     let store = Store::connect(&settings.mongodb).await.unwrap();
-    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose()).await.unwrap().database(&settings.mongodb.database);
+    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose())
+        .await
+        .unwrap()
+        .database(&settings.mongodb.database);
     (store, db)
 }
 
@@ -60,7 +63,8 @@ async fn migrate_is_idempotent_and_records_each_file_with_its_checksum() {
 #[tokio::test]
 async fn migrate_refuses_to_run_when_an_applied_file_changed() {
     let (store, db) = fresh_store().await;
-    let original = Migration::parse("0001_test.json", r#"{"description":"a","commands":[{"create":"things"}]}"#).unwrap();
+    let original =
+        Migration::parse("0001_test.json", r#"{"description":"a","commands":[{"create":"things"}]}"#).unwrap();
     store.migrate(&[original]).await.unwrap();
 
     let changed =
@@ -78,7 +82,8 @@ async fn migrate_refuses_to_run_when_an_applied_file_changed() {
 #[tokio::test]
 async fn migrate_refuses_a_database_with_migrations_this_binary_does_not_know() {
     let (store, _db) = fresh_store().await;
-    let newer = Migration::parse("0009_future.json", r#"{"description":"f","commands":[{"create":"future"}]}"#).unwrap();
+    let newer =
+        Migration::parse("0009_future.json", r#"{"description":"f","commands":[{"create":"future"}]}"#).unwrap();
     store.migrate(&[newer]).await.unwrap();
     let err = store.migrate(&embedded_migrations().unwrap()).await.unwrap_err();
     assert!(matches!(err, MigrationError::UnknownApplied { ref id } if id == "0009_future"), "{err}");

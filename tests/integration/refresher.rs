@@ -12,7 +12,8 @@ use mcp_worker::store::{NewTokens, Store};
 use serde_json::{Value, json};
 
 use crate::support::{
-    Flavor, McpServer, SERVICE_KEY, spawn_app_with_oauth, spawn_oauth, spawn_worker, terminate, test_settings, wait_until, worker_env,
+    Flavor, McpServer, SERVICE_KEY, spawn_app_with_oauth, spawn_oauth, spawn_worker, terminate, test_settings,
+    wait_until, worker_env,
 };
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
@@ -32,7 +33,10 @@ async fn a_token_nearing_expiry_is_refreshed_before_it_expires_without_any_job()
     let expires_at = Utc::now() + chrono::Duration::seconds(300);
     fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, expires_at).await;
 
-    wait_until("the token is refreshed", || async { fx.app.stored("alice").await.unwrap().access_token.expose() != &issued.access_token }).await;
+    wait_until("the token is refreshed", || async {
+        fx.app.stored("alice").await.unwrap().access_token.expose() != &issued.access_token
+    })
+    .await;
     assert!(Utc::now() < expires_at, "refreshed before it expired");
     let stored = fx.app.stored("alice").await.unwrap();
     assert!(fx.oauth.access_token_active(stored.access_token.expose()));
@@ -77,9 +81,14 @@ async fn a_transient_failure_is_retried_until_the_refresh_succeeds() {
     let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &quick_refresher()).await;
     fx.oauth.fail_next_token_requests(2, 503, "temporarily_unavailable");
     let issued = fx.oauth.issue_grant("alice", "offline_access", Duration::from_secs(300));
-    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(300)).await;
+    fx.app
+        .store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(300))
+        .await;
 
-    wait_until("the token is refreshed", || async { fx.app.stored("alice").await.unwrap().access_token.expose() != &issued.access_token }).await;
+    wait_until("the token is refreshed", || async {
+        fx.app.stored("alice").await.unwrap().access_token.expose() != &issued.access_token
+    })
+    .await;
     let stats = fx.oauth.stats();
     assert_eq!(stats.failed_by_injection, 2, "{stats:?}");
     assert_eq!((stats.refresh_successes, stats.refresh_token_reuse), (1, 0), "{stats:?}");
@@ -90,15 +99,14 @@ async fn a_transient_failure_is_retried_until_the_refresh_succeeds() {
 async fn a_token_too_short_for_the_call_defers_the_job_until_the_refresher_renewed_it() {
     let server = McpServer::spawn(Flavor::V2Json).await;
     // The scan sees nothing due (lead 1 s), so only the worker's request can cause the refresh.
-    let overrides = [
-        ("refresher.interval_secs", json!(3600)),
-        ("refresher.lead_secs", json!(1)),
-        ("tokens.defer_ms", json!(300)),
-    ];
+    let overrides =
+        [("refresher.interval_secs", json!(3600)), ("refresher.lead_secs", json!(1)), ("tokens.defer_ms", json!(300))];
     let fx = spawn_app_with_oauth(&server.url(), |_| {}, &overrides).await;
     let issued = fx.oauth.issue_grant("alice", "offline_access", Duration::from_secs(20));
     // 20 s left, less than the 10 s call timeout plus 30 s clock skew the call needs.
-    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(20)).await;
+    fx.app
+        .store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(20))
+        .await;
 
     fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
     let (reply, _) = fx.app.next_reply().await;
@@ -126,7 +134,9 @@ async fn a_job_whose_token_cannot_be_renewed_in_time_gets_token_unavailable() {
     // The provider is down for longer than the job may wait.
     fx.oauth.fail_next_token_requests(100, 503, "temporarily_unavailable");
     let issued = fx.oauth.issue_grant("alice", "offline_access", Duration::from_secs(20));
-    fx.app.store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(20)).await;
+    fx.app
+        .store_tokens("alice", &issued.access_token, &issued.refresh_token, Utc::now() + chrono::Duration::seconds(20))
+        .await;
 
     fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
     let (reply, _) = fx.app.next_reply().await;

@@ -11,8 +11,8 @@ use mcp_worker::store::{Store, StoredToken};
 use serde_json::json;
 
 use crate::support::{
-    Flavor, McpServer, SERVICE_KEY, TEST_KEY, connect_through, spawn_oauth, spawn_worker, terminate, test_settings, wait_until,
-    worker_env,
+    Flavor, McpServer, SERVICE_KEY, TEST_KEY, connect_through, spawn_oauth, spawn_worker, terminate, test_settings,
+    wait_until, worker_env,
 };
 
 #[tokio::test]
@@ -31,7 +31,8 @@ async fn no_secret_reaches_the_debug_logs_of_a_whole_token_lifecycle() {
     let env = worker_env(&settings, &extra);
     let mut worker = spawn_worker(&["run"], &env, Stdio::from(logs.reopen().unwrap()));
     let api = format!("http://{}", settings.http.listen);
-    wait_until("the API listens", || async { tokio::net::TcpStream::connect(settings.http.listen).await.is_ok() }).await;
+    wait_until("the API listens", || async { tokio::net::TcpStream::connect(settings.http.listen).await.is_ok() })
+        .await;
 
     assert_eq!(connect_through(&api, "alice", "allow").await.status, 303);
     let first: StoredToken = tokens.get("alice").await.unwrap().expect("connected");

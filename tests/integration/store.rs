@@ -16,7 +16,10 @@ async fn migrated() -> (TokenStore, mongodb::Collection<Document>) {
     let store = Store::connect(&settings.mongodb).await.unwrap();
     let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     store.migrate(&embedded_migrations().unwrap()).await.unwrap();
-    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose()).await.unwrap().database(&settings.mongodb.database);
+    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose())
+        .await
+        .unwrap()
+        .database(&settings.mongodb.database);
     (store.tokens(Provider::Qlik, &cipher), db.collection("qlik_tokens"))
 }
 
@@ -38,7 +41,20 @@ async fn a_saved_token_has_the_seed_fields_with_bson_dates_and_no_plaintext() {
     let mut keys: Vec<&str> = document.keys().map(String::as_str).collect();
     keys.sort_unstable();
     // The seed's six fields (and _id), plus the refresher's status and version fence.
-    assert_eq!(keys, ["_id", "access_token", "created_at", "expires_at", "refresh_token", "status", "updated_at", "user_id", "version"]);
+    assert_eq!(
+        keys,
+        [
+            "_id",
+            "access_token",
+            "created_at",
+            "expires_at",
+            "refresh_token",
+            "status",
+            "updated_at",
+            "user_id",
+            "version"
+        ]
+    );
     for field in ["expires_at", "created_at", "updated_at"] {
         assert!(matches!(document.get(field), Some(Bson::DateTime(_))), "{field} is {:?}", document.get(field));
     }
@@ -95,7 +111,11 @@ async fn reencrypt_moves_every_value_to_the_active_key_and_keeps_them_readable()
     store.migrate(&embedded_migrations().unwrap()).await.unwrap();
     let old = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     for user in ["u1", "u2"] {
-        store.tokens(Provider::Qlik, &old).save(user, &tokens(&format!("a-{user}"), Duration::hours(6)), Utc::now()).await.unwrap();
+        store
+            .tokens(Provider::Qlik, &old)
+            .save(user, &tokens(&format!("a-{user}"), Duration::hours(6)), Utc::now())
+            .await
+            .unwrap();
     }
 
     let mut rotated_settings = settings.encryption.keys.clone();
@@ -112,9 +132,15 @@ async fn reencrypt_moves_every_value_to_the_active_key_and_keeps_them_readable()
     assert_eq!(tokens_store.reencrypt().await.unwrap(), 2);
     assert_eq!(tokens_store.reencrypt().await.unwrap(), 0, "nothing left under the old key");
 
-    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose()).await.unwrap().database(&settings.mongodb.database);
+    let db = mongodb::Client::with_uri_str(settings.mongodb.uri.expose())
+        .await
+        .unwrap()
+        .database(&settings.mongodb.database);
     let document = db.collection::<Document>("qlik_tokens").find_one(doc! { "user_id": "u1" }).await.unwrap().unwrap();
     assert!(document.get_str("access_token").unwrap().starts_with("v1.test2."));
     assert_eq!(tokens_store.get("u1").await.unwrap().unwrap().access_token.expose(), "a-u1");
-    assert!(store.tokens(Provider::Qlik, &old).get("u1").await.is_err(), "the old ring alone cannot read the new values");
+    assert!(
+        store.tokens(Provider::Qlik, &old).get("u1").await.is_err(),
+        "the old ring alone cannot read the new values"
+    );
 }

@@ -17,8 +17,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use std::sync::Arc;
 
 use mcp_worker::app::{App, Roles};
-use mcp_worker::crypto::TokenCipher;
 use mcp_worker::config::Settings;
+use mcp_worker::crypto::TokenCipher;
 use mcp_worker::provider::Provider;
 use mcp_worker::secret::Secret;
 use mcp_worker::store::{NewTokens, Store};
@@ -114,7 +114,8 @@ pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestA
     let store = Store::connect(&settings.mongodb).await.unwrap();
     store.ping().await.expect("MongoDB (SecantusDB) is not reachable: run scripts/services up");
     mcp_worker::app::migrate(&settings).await.expect("migrations apply");
-    let app = App::build(&settings, Roles::all()).await.expect("the worker starts (is RabbitMQ up? run scripts/services up)");
+    let app =
+        App::build(&settings, Roles::all()).await.expect("the worker starts (is RabbitMQ up? run scripts/services up)");
     let api = format!("http://{}", app.api_addr().expect("the API runs"));
     let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     let shutdown = CancellationToken::new();
@@ -131,7 +132,18 @@ pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestA
         .await
         .unwrap()
         .database(&settings.mongodb.database);
-    TestApp { settings, store, cipher, db, api, channel, reply_queue, shutdown, worker: Some(worker), _connection: connection }
+    TestApp {
+        settings,
+        store,
+        cipher,
+        db,
+        api,
+        channel,
+        reply_queue,
+        shutdown,
+        worker: Some(worker),
+        _connection: connection,
+    }
 }
 
 /// Declares a non-durable queue that goes away with the connection.
@@ -202,7 +214,13 @@ impl TestApp {
     }
 
     /// Stores tokens as they are, e.g. ones issued by the OAuth test server.
-    pub async fn store_tokens(&self, user: &str, access_token: &str, refresh_token: &str, expires_at: chrono::DateTime<chrono::Utc>) {
+    pub async fn store_tokens(
+        &self,
+        user: &str,
+        access_token: &str,
+        refresh_token: &str,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) {
         let tokens = NewTokens {
             access_token: Secret::new(access_token.to_owned()),
             refresh_token: Secret::new(refresh_token.to_owned()),

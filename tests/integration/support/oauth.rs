@@ -18,7 +18,11 @@ pub struct OAuthFixture {
 pub const RETURN_TO: &str = "http://127.0.0.1:9/done";
 
 /// Starts an OAuth server (`configure` adjusts its config) and a worker using it as provider.
-pub async fn spawn_app_with_oauth(mcp_url: &str, configure: impl FnOnce(&mut Config), overrides: &[(&str, Value)]) -> OAuthFixture {
+pub async fn spawn_app_with_oauth(
+    mcp_url: &str,
+    configure: impl FnOnce(&mut Config),
+    overrides: &[(&str, Value)],
+) -> OAuthFixture {
     let (oauth, mut all) = spawn_oauth(configure).await;
     all.extend(overrides.iter().cloned());
     OAuthFixture { app: spawn_app_with(mcp_url, &all).await, oauth }

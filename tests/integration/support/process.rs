@@ -22,8 +22,15 @@ pub fn worker_env(settings: &Settings, extra: &[(&str, Value)]) -> Vec<(String, 
         ("http.service_key".into(), SERVICE_KEY.into()),
         ("mcp.servers.qlik.url".into(), settings.mcp.servers["qlik"].url.clone()),
     ];
-    pairs.extend(extra.iter().map(|(key, value)| (key.to_string(), value.as_str().map_or_else(|| value.to_string(), str::to_owned))));
-    pairs.into_iter().map(|(key, value)| (format!("MCP_WORKER_{}", key.replace('.', "__").to_uppercase()), value)).collect()
+    pairs.extend(
+        extra
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.as_str().map_or_else(|| value.to_string(), str::to_owned))),
+    );
+    pairs
+        .into_iter()
+        .map(|(key, value)| (format!("MCP_WORKER_{}", key.replace('.', "__").to_uppercase()), value))
+        .collect()
 }
 
 /// Starts `mcp-worker <args>` with `env`; its stderr (the logs) goes to `stderr`.

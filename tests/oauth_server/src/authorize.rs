@@ -35,11 +35,7 @@ impl AuthzRequest<'_> {
         if let Some(state) = self.state {
             query.append_pair("state", state);
         }
-        let separator = if self.redirect_uri.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
+        let separator = if self.redirect_uri.contains('?') { '&' } else { '?' };
         let location = format!("{}{separator}{}", self.redirect_uri, query.finish());
         (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
     }
@@ -59,10 +55,7 @@ fn error_page(status: StatusCode, message: &str) -> Response {
 }
 
 /// RFC 6749 4.1.1 and RFC 7636 4.3; the `Err` is the complete error response.
-#[expect(
-    clippy::result_large_err,
-    reason = "the error is the response itself, built once per request"
-)]
+#[expect(clippy::result_large_err, reason = "the error is the response itself, built once per request")]
 fn validate<'a>(config: &Config, params: &'a Params) -> Result<AuthzRequest<'a>, Response> {
     let bad = |message: &str| Err(error_page(StatusCode::BAD_REQUEST, message));
     let client_id = match params.get("client_id") {
@@ -71,8 +64,7 @@ fn validate<'a>(config: &Config, params: &'a Params) -> Result<AuthzRequest<'a>,
     };
     let redirect_uri = match params.get("redirect_uri") {
         Some(uri)
-            if config.redirect_uris.iter().any(|allowed| allowed == uri)
-                && !params.is_duplicated("redirect_uri") =>
+            if config.redirect_uris.iter().any(|allowed| allowed == uri) && !params.is_duplicated("redirect_uri") =>
         {
             uri
         }
@@ -92,18 +84,12 @@ fn validate<'a>(config: &Config, params: &'a Params) -> Result<AuthzRequest<'a>,
     match params.get("response_type") {
         Some("code") => {}
         Some(_) => {
-            return Err(request.error(
-                "unsupported_response_type",
-                "only response_type=code is supported",
-            ));
+            return Err(request.error("unsupported_response_type", "only response_type=code is supported"));
         }
         None => return Err(request.error("invalid_request", "missing parameter response_type")),
     }
     if request.code_challenge.is_empty() {
-        return Err(request.error(
-            "invalid_request",
-            "PKCE is required: missing code_challenge",
-        ));
+        return Err(request.error("invalid_request", "PKCE is required: missing code_challenge"));
     }
     if params.get("code_challenge_method") != Some("S256") {
         return Err(request.error("invalid_request", "code_challenge_method must be S256"));
@@ -111,41 +97,23 @@ fn validate<'a>(config: &Config, params: &'a Params) -> Result<AuthzRequest<'a>,
     // An S256 challenge is a base64url-nopad SHA-256: exactly 43 characters.
     let base64url = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
     if request.code_challenge.len() != 43 || !request.code_challenge.bytes().all(base64url) {
-        return Err(request.error(
-            "invalid_request",
-            "code_challenge is not a base64url SHA-256 digest",
-        ));
+        return Err(request.error("invalid_request", "code_challenge is not a base64url SHA-256 digest"));
     }
     Ok(request)
 }
 
-pub(crate) async fn authorize(
-    State(server): State<OAuthServer>,
-    RawQuery(query): RawQuery,
-) -> Response {
+pub(crate) async fn authorize(State(server): State<OAuthServer>, RawQuery(query): RawQuery) -> Response {
     server.lock().stats.authorize_requests += 1;
     let params = Params::parse(query.unwrap_or_default().as_bytes());
     match validate(&server.config, &params) {
-        Ok(request) => login_page(
-            StatusCode::OK,
-            &request,
-            params.get("code_challenge_method"),
-            None,
-        ),
+        Ok(request) => login_page(StatusCode::OK, &request, params.get("code_challenge_method"), None),
         Err(response) => response,
     }
 }
 
-pub(crate) async fn login(
-    State(server): State<OAuthServer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn login(State(server): State<OAuthServer>, headers: HeaderMap, body: Bytes) -> Response {
     if !is_form_content_type(&headers) {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            "the login form must be application/x-www-form-urlencoded",
-        );
+        return error_page(StatusCode::BAD_REQUEST, "the login form must be application/x-www-form-urlencoded");
     }
     let params = Params::parse(&body);
     let request = match validate(&server.config, &params) {
@@ -159,20 +127,10 @@ pub(crate) async fn login(
             let users = &server.config.users;
             let user = match params.get("username") {
                 None => {
-                    return login_page(
-                        StatusCode::BAD_REQUEST,
-                        &request,
-                        method,
-                        Some("Enter a username."),
-                    );
+                    return login_page(StatusCode::BAD_REQUEST, &request, method, Some("Enter a username."));
                 }
                 Some(u) if !users.is_empty() && !users.iter().any(|known| known == u) => {
-                    return login_page(
-                        StatusCode::UNAUTHORIZED,
-                        &request,
-                        method,
-                        Some("Unknown user."),
-                    );
+                    return login_page(StatusCode::UNAUTHORIZED, &request, method, Some("Unknown user."));
                 }
                 Some(u) => u,
             };
@@ -196,12 +154,7 @@ pub(crate) async fn login(
     }
 }
 
-fn login_page(
-    status: StatusCode,
-    request: &AuthzRequest,
-    method: Option<&str>,
-    message: Option<&str>,
-) -> Response {
+fn login_page(status: StatusCode, request: &AuthzRequest, method: Option<&str>, message: Option<&str>) -> Response {
     let hidden = [
         ("response_type", "code"),
         ("client_id", request.client_id),
@@ -213,16 +166,9 @@ fn login_page(
     ];
     let fields: String = hidden
         .iter()
-        .map(|(name, value)| {
-            format!(
-                "<input type=\"hidden\" name=\"{name}\" value=\"{}\">\n",
-                escape(value)
-            )
-        })
+        .map(|(name, value)| format!("<input type=\"hidden\" name=\"{name}\" value=\"{}\">\n", escape(value)))
         .collect();
-    let message = message
-        .map(|m| format!("<p id=\"error\">{}</p>\n", escape(m)))
-        .unwrap_or_default();
+    let message = message.map(|m| format!("<p id=\"error\">{}</p>\n", escape(m))).unwrap_or_default();
     let body = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Sign in</title></head>\n<body>\n\
          <h1>Sign in</h1>\n<p>{client} requests access: <code>{scope}</code></p>\n{message}\

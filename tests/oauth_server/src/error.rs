@@ -15,11 +15,7 @@ pub(crate) struct OAuthError {
 
 impl OAuthError {
     fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
-        Self {
-            status,
-            error,
-            description: description.into(),
-        }
+        Self { status, error, description: description.into() }
     }
 
     pub fn invalid_request(description: impl Into<String>) -> Self {
@@ -39,11 +35,7 @@ impl OAuthError {
     }
 
     pub fn unsupported_grant_type(description: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            description,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "unsupported_grant_type", description)
     }
 }
 
@@ -54,18 +46,12 @@ impl IntoResponse for OAuthError {
             error: &'a str,
             error_description: &'a str,
         }
-        let mut response = no_store_json(
-            self.status,
-            &Body {
-                error: self.error,
-                error_description: &self.description,
-            },
-        );
+        let mut response =
+            no_store_json(self.status, &Body { error: self.error, error_description: &self.description });
         if self.error == "invalid_client" {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Basic realm="oauth-test-server""#),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="oauth-test-server""#));
         }
         response
     }

@@ -159,35 +159,15 @@ impl State {
             },
         );
         let (access_token, expires_in) = self.new_access_token(id, scope, access_ttl);
-        (
-            id,
-            TokenResponse {
-                access_token,
-                token_type: "Bearer",
-                expires_in,
-                refresh_token,
-                scope: scope.into(),
-            },
-        )
+        (id, TokenResponse { access_token, token_type: "Bearer", expires_in, refresh_token, scope: scope.into() })
     }
 
     fn new_access_token(&mut self, grant: GrantId, scope: &str, ttl: Duration) -> (String, u64) {
         let token = random_token();
-        let exp_unix = (SystemTime::now() + ttl)
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let exp_unix = (SystemTime::now() + ttl).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let expires_at = Instant::now() + ttl;
-        self.access_tokens.insert(
-            token.clone(),
-            AccessToken {
-                grant,
-                scope: scope.into(),
-                expires_at,
-                exp_unix,
-                revoked: false,
-            },
-        );
+        self.access_tokens
+            .insert(token.clone(), AccessToken { grant, scope: scope.into(), expires_at, exp_unix, revoked: false });
         (token, ttl.as_secs())
     }
 
@@ -208,9 +188,7 @@ impl State {
                 tracing::warn!(grant, "authorization code replayed: revoking its grant");
                 self.revoke_grant(grant);
             }
-            return Err(OAuthError::invalid_grant(
-                "authorization code was already used",
-            ));
+            return Err(OAuthError::invalid_grant("authorization code was already used"));
         }
         // Single use means single attempt: a failed exchange burns the code too.
         entry.consumed = true;
@@ -218,25 +196,16 @@ impl State {
             return Err(OAuthError::invalid_grant("authorization code expired"));
         }
         if entry.client_id != client_id {
-            return Err(OAuthError::invalid_grant(
-                "authorization code was issued to another client",
-            ));
+            return Err(OAuthError::invalid_grant("authorization code was issued to another client"));
         }
         if entry.redirect_uri != redirect_uri {
-            return Err(OAuthError::invalid_grant(
-                "redirect_uri differs from the authorization request",
-            ));
+            return Err(OAuthError::invalid_grant("redirect_uri differs from the authorization request"));
         }
         verifier_matches(verifier, &entry.code_challenge).map_err(OAuthError::invalid_grant)?;
         let (user, scope) = (entry.user.clone(), entry.scope.clone());
         // Like Qlik Cloud: refresh tokens only for offline access.
-        let (grant, response) = self.new_grant(
-            client_id,
-            &user,
-            &scope,
-            has_scope(&scope, "offline_access"),
-            access_ttl,
-        );
+        let (grant, response) =
+            self.new_grant(client_id, &user, &scope, has_scope(&scope, "offline_access"), access_ttl);
         if let Some(entry) = self.codes.get_mut(code) {
             entry.grant = Some(grant);
         }
@@ -267,9 +236,7 @@ impl State {
             self.stats.refresh_token_reuse += 1;
             tracing::warn!(grant = id, user = %grant.user, "used refresh token presented: revoking its grant");
             self.revoke_grant(id);
-            return Err(rejected(
-                "refresh token was already used; the grant is revoked",
-            ));
+            return Err(rejected("refresh token was already used; the grant is revoked"));
         }
         if grant.revoked {
             return Err(rejected("refresh token revoked"));
@@ -280,13 +247,8 @@ impl State {
         // RFC 6749 6: the requested scope must not include any scope not originally granted.
         let scope = match scope {
             Some(requested) => {
-                if let Some(extra) = requested
-                    .split_whitespace()
-                    .find(|s| !has_scope(&grant.scope, s))
-                {
-                    return Err(OAuthError::invalid_scope(format!(
-                        "scope {extra} was not granted"
-                    )));
+                if let Some(extra) = requested.split_whitespace().find(|s| !has_scope(&grant.scope, s)) {
+                    return Err(OAuthError::invalid_scope(format!("scope {extra} was not granted")));
                 }
                 requested.to_owned()
             }
@@ -330,15 +292,15 @@ impl State {
     }
 
     pub fn access_token_active(&self, token: &str) -> bool {
-        self.access_tokens.get(token).is_some_and(|at| {
-            !at.revoked && Instant::now() < at.expires_at && self.grant_live(at.grant)
-        })
+        self.access_tokens
+            .get(token)
+            .is_some_and(|at| !at.revoked && Instant::now() < at.expires_at && self.grant_live(at.grant))
     }
 
     pub fn refresh_token_active(&self, token: &str) -> bool {
-        self.refresh_tokens.get(token).is_some_and(|id| {
-            self.grant_live(*id) && self.grants[id].current_refresh_token.as_deref() == Some(token)
-        })
+        self.refresh_tokens
+            .get(token)
+            .is_some_and(|id| self.grant_live(*id) && self.grants[id].current_refresh_token.as_deref() == Some(token))
     }
 
     pub fn introspect(&self, token: &str) -> Introspection {
@@ -376,10 +338,7 @@ mod tests {
     #[test]
     fn rfc7636_appendix_b_example() {
         let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-        assert_eq!(
-            verifier_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"),
-            Ok(())
-        );
+        assert_eq!(verifier_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"), Ok(()));
         assert!(verifier_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cN").is_err());
         assert!(verifier_matches("short", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM").is_err());
     }
@@ -396,34 +355,12 @@ mod tests {
     #[test]
     fn scope_cannot_widen_on_refresh() {
         let mut state = State::default();
-        let (_, issued) = state.new_grant(
-            "c",
-            "u",
-            "user_default offline_access",
-            true,
-            Duration::from_secs(60),
-        );
+        let (_, issued) = state.new_grant("c", "u", "user_default offline_access", true, Duration::from_secs(60));
         let rt = issued.refresh_token.unwrap();
-        let err = state
-            .refresh(
-                "c",
-                &rt,
-                Some("admin"),
-                Duration::from_secs(60),
-                ErrorStyle::Rfc,
-            )
-            .unwrap_err();
+        let err = state.refresh("c", &rt, Some("admin"), Duration::from_secs(60), ErrorStyle::Rfc).unwrap_err();
         assert_eq!(err.error, "invalid_scope");
         // The rejected request did not rotate the token.
-        let narrowed = state
-            .refresh(
-                "c",
-                &rt,
-                Some("user_default"),
-                Duration::from_secs(60),
-                ErrorStyle::Rfc,
-            )
-            .unwrap();
+        let narrowed = state.refresh("c", &rt, Some("user_default"), Duration::from_secs(60), ErrorStyle::Rfc).unwrap();
         assert_eq!(narrowed.scope, "user_default");
     }
 }

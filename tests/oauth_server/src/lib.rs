@@ -113,10 +113,7 @@ pub struct OAuthServer {
 
 impl OAuthServer {
     pub fn new(config: Config) -> Self {
-        Self {
-            config: Arc::new(config),
-            state: Arc::new(Mutex::new(State::default())),
-        }
+        Self { config: Arc::new(config), state: Arc::new(Mutex::new(State::default())) }
     }
 
     pub fn router(&self) -> Router {
@@ -126,19 +123,14 @@ impl OAuthServer {
             .route("/token", post(token::token))
             .route("/revoke", post(revoke::revoke))
             .route("/introspect", post(revoke::introspect))
-            .route(
-                "/_test/stats",
-                get(|AxumState(s): AxumState<Self>| async move { Json(s.stats()) }),
-            )
+            .route("/_test/stats", get(|AxumState(s): AxumState<Self>| async move { Json(s.stats()) }))
             .with_state(self.clone())
     }
 
     /// Binds 127.0.0.1 on an ephemeral port, serves in a spawned task and returns the
     /// base URL `http://127.0.0.1:PORT`.
     pub async fn spawn(config: Config) -> (Self, String) {
-        Self::spawn_on(config, 0)
-            .await
-            .expect("bind 127.0.0.1:0 for oauth-test-server")
+        Self::spawn_on(config, 0).await.expect("bind 127.0.0.1:0 for oauth-test-server")
     }
 
     /// Like [`Self::spawn`] on a given port (e.g. to restart a server at the same URL).
@@ -165,20 +157,15 @@ impl OAuthServer {
     /// `{"error": error}` before any other processing, so they consume no code and
     /// rotate no token. 429 and 503 also carry `Retry-After: 1`.
     pub fn fail_next_token_requests(&self, count: usize, status: u16, error: &str) {
-        self.lock().injection = (count > 0).then(|| grants::Injection {
-            remaining: count,
-            status,
-            error: error.into(),
-        });
+        self.lock().injection =
+            (count > 0).then(|| grants::Injection { remaining: count, status, error: error.into() });
     }
 
     /// Creates a grant for `user` as if they had consented, returning its first tokens.
     /// A refresh token is issued whatever the scope (unlike `/token`, which requires
     /// `offline_access`), since seeding users for the refresher is the point.
     pub fn issue_grant(&self, user: &str, scope: &str, expires_in: Duration) -> IssuedTokens {
-        let (_, issued) =
-            self.lock()
-                .new_grant(&self.config.client_id, user, scope, true, expires_in);
+        let (_, issued) = self.lock().new_grant(&self.config.client_id, user, scope, true, expires_in);
         IssuedTokens {
             access_token: issued.access_token,
             refresh_token: issued.refresh_token.unwrap_or_default(),

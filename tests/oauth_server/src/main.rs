@@ -8,10 +8,7 @@ use clap::Parser;
 use oauth_test_server::{Config, ErrorStyle, OAuthServer};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "A strict OAuth 2.0 authorization server for tests and local runs"
-)]
+#[command(version, about = "A strict OAuth 2.0 authorization server for tests and local runs")]
 struct Args {
     /// Port to listen on (0 = any free port).
     #[arg(long)]
@@ -38,20 +35,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let args = Args::parse();
     let config = Config {
         client_id: args.client_id,
         client_secret: args.client_secret,
         redirect_uris: args.redirect_uris,
         access_token_ttl: Duration::from_secs(args.access_token_ttl),
-        error_style: if args.qlik_errors {
-            ErrorStyle::Qlik
-        } else {
-            ErrorStyle::Rfc
-        },
+        error_style: if args.qlik_errors { ErrorStyle::Qlik } else { ErrorStyle::Rfc },
         users: args.users,
         ..Config::default()
     };

@@ -52,8 +52,7 @@ impl Params {
 
     /// A required parameter, or `invalid_request` naming it.
     pub fn require(&self, name: &str) -> Result<&str, OAuthError> {
-        self.get(name)
-            .ok_or_else(|| OAuthError::invalid_request(format!("missing parameter {name}")))
+        self.get(name).ok_or_else(|| OAuthError::invalid_request(format!("missing parameter {name}")))
     }
 }
 
@@ -63,11 +62,7 @@ pub(crate) fn is_form_content_type(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| {
-            essence
-                .trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
 }
 
 /// Parses a form body and authenticates the client; returns the parameters and client id.
@@ -77,23 +72,15 @@ pub(crate) fn authenticated_form(
     body: &[u8],
 ) -> Result<(Params, String), OAuthError> {
     if !is_form_content_type(headers) {
-        return Err(OAuthError::invalid_request(
-            "Content-Type must be application/x-www-form-urlencoded",
-        ));
+        return Err(OAuthError::invalid_request("Content-Type must be application/x-www-form-urlencoded"));
     }
     let params = Params::parse(body);
-    params
-        .reject_duplicates()
-        .map_err(OAuthError::invalid_request)?;
+    params.reject_duplicates().map_err(OAuthError::invalid_request)?;
     let client_id = authenticate_client(config, headers, &params)?;
     Ok((params, client_id))
 }
 
-fn authenticate_client(
-    config: &Config,
-    headers: &HeaderMap,
-    params: &Params,
-) -> Result<String, OAuthError> {
+fn authenticate_client(config: &Config, headers: &HeaderMap, params: &Params) -> Result<String, OAuthError> {
     let (id, secret) = match headers.get(header::AUTHORIZATION) {
         Some(value) => {
             // RFC 6749 2.3: a client MUST NOT use more than one authentication method.
@@ -106,9 +93,7 @@ fn authenticate_client(
                 .ok_or_else(|| OAuthError::invalid_client("malformed HTTP Basic credentials"))?;
             // A body client_id is allowed alongside Basic, but must name the same client.
             if params.get("client_id").is_some_and(|body_id| body_id != id) {
-                return Err(OAuthError::invalid_request(
-                    "client_id in the body differs from HTTP Basic",
-                ));
+                return Err(OAuthError::invalid_request("client_id in the body differs from HTTP Basic"));
             }
             (id, secret)
         }
@@ -136,10 +121,7 @@ fn parse_basic(value: &str) -> Option<(String, String)> {
 
 fn form_decode(s: &str) -> Option<String> {
     let plus_as_space = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus_as_space)
-        .decode_utf8()
-        .ok()
-        .map(|s| s.into_owned())
+    percent_encoding::percent_decode_str(&plus_as_space).decode_utf8().ok().map(|s| s.into_owned())
 }
 
 #[cfg(test)]
@@ -149,16 +131,10 @@ mod tests {
     #[test]
     fn basic_credentials_are_form_decoded() {
         let header = format!("Basic {}", STANDARD.encode("my+client:s%3Acret%2B"));
-        assert_eq!(
-            parse_basic(&header),
-            Some(("my client".into(), "s:cret+".into()))
-        );
+        assert_eq!(parse_basic(&header), Some(("my client".into(), "s:cret+".into())));
         assert_eq!(parse_basic("Bearer abc"), None);
         assert_eq!(parse_basic("Basic !!!"), None);
-        assert_eq!(
-            parse_basic(&format!("basic {}", STANDARD.encode("nocolon"))),
-            None
-        );
+        assert_eq!(parse_basic(&format!("basic {}", STANDARD.encode("nocolon"))), None);
     }
 
     #[test]

@@ -13,30 +13,18 @@ use crate::OAuthServer;
 use crate::error::no_store_json;
 use crate::request::authenticated_form;
 
-pub(crate) async fn revoke(
-    State(server): State<OAuthServer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn revoke(State(server): State<OAuthServer>, headers: HeaderMap, body: Bytes) -> Response {
     let mut state = server.lock();
     state.stats.revocation_requests += 1;
-    let result =
-        authenticated_form(&server.config, &headers, &body).and_then(|(params, _client)| {
-            params
-                .require("token")
-                .map(|token| state.revoke_token(token))
-        });
+    let result = authenticated_form(&server.config, &headers, &body)
+        .and_then(|(params, _client)| params.require("token").map(|token| state.revoke_token(token)));
     match result {
         Ok(()) => StatusCode::OK.into_response(),
         Err(error) => error.into_response(),
     }
 }
 
-pub(crate) async fn introspect(
-    State(server): State<OAuthServer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn introspect(State(server): State<OAuthServer>, headers: HeaderMap, body: Bytes) -> Response {
     let state = server.lock();
     let result = authenticated_form(&server.config, &headers, &body)
         .and_then(|(params, _client)| params.require("token").map(|token| state.introspect(token)));

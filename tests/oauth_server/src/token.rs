@@ -13,11 +13,7 @@ use crate::error::{OAuthError, no_store_json};
 use crate::grants::TokenResponse;
 use crate::request::{Params, authenticated_form};
 
-pub(crate) async fn token(
-    State(server): State<OAuthServer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn token(State(server): State<OAuthServer>, headers: HeaderMap, body: Bytes) -> Response {
     let mut state = server.lock();
 
     // Count refresh attempts before anything can reject them: rate-cap checks are about
@@ -34,20 +30,14 @@ pub(crate) async fn token(
 
     if let Some(injection) = state.injection.as_mut() {
         injection.remaining -= 1;
-        let status =
-            StatusCode::from_u16(injection.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(injection.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = no_store_json(status, &json!({ "error": injection.error }));
         if injection.remaining == 0 {
             state.injection = None;
         }
         state.stats.failed_by_injection += 1;
-        if matches!(
-            status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        ) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         return response;
     }
@@ -59,13 +49,7 @@ pub(crate) async fn token(
                 let code = params.require("code")?;
                 let redirect_uri = params.require("redirect_uri")?;
                 let verifier = params.require("code_verifier")?;
-                state.exchange_code(
-                    &client_id,
-                    code,
-                    redirect_uri,
-                    verifier,
-                    config.access_token_ttl,
-                )?
+                state.exchange_code(&client_id, code, redirect_uri, verifier, config.access_token_ttl)?
             }
             "refresh_token" => {
                 let refresh_token = params.require("refresh_token")?;
@@ -78,9 +62,7 @@ pub(crate) async fn token(
                 )?
             }
             other => {
-                return Err(OAuthError::unsupported_grant_type(format!(
-                    "grant_type {other} is not supported"
-                )));
+                return Err(OAuthError::unsupported_grant_type(format!("grant_type {other} is not supported")));
             }
         };
         Ok(issued)
