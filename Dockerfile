@@ -5,6 +5,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 COPY config config
 COPY migrations migrations
+# A workspace member: cargo needs its manifest to load the workspace, though the image never runs it.
+COPY tests/oauth_server tests/oauth_server
 RUN cargo build --release --locked --bin mcp-worker
 
 FROM debian:bookworm-slim

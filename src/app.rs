@@ -106,6 +106,12 @@ impl App {
                 delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
                 refresh_queue: settings.amqp.refresh_queue.clone(),
                 shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
+                owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+                // A claim outlives the longest call (timeout plus skew), with room to record it.
+                claim_lease: settings.mcp.call_timeout()
+                    + Duration::from_secs(settings.tokens.clock_skew_secs)
+                    + Duration::from_secs(10),
+                results_ttl: Duration::from_secs(settings.worker.results_ttl_secs),
             };
             let worker = Worker::new(config, registry.clone(), store.clone(), cipher.clone(), mcp, publisher.clone());
             let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;

@@ -167,6 +167,7 @@ pub struct WorkerSettings {
     pub max_job_bytes: usize,
     pub max_arguments_depth: usize,
     pub shutdown_grace_secs: u64,
+    pub results_ttl_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,6 +305,7 @@ impl Settings {
         crate::crypto::KeyRing::from_settings(&self.encryption)?;
         for (key, value) in [
             ("http.state_ttl_secs", self.http.state_ttl_secs),
+            ("worker.results_ttl_secs", self.worker.results_ttl_secs),
             ("refresher.interval_secs", self.refresher.interval_secs),
             ("refresher.lease_secs", self.refresher.lease_secs),
             ("refresher.retry_initial_secs", self.refresher.retry_initial_secs),
@@ -313,6 +315,12 @@ impl Settings {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.refresher.lease_secs <= self.providers.qlik.request_timeout_secs {
+            return Err(invalid(
+                "refresher.lease_secs",
+                "must be longer than providers.qlik.request_timeout_secs, or a lease could lapse mid-refresh",
+            ));
         }
         if self.refresher.concurrency == 0 || self.refresher.batch < 1 {
             return Err(invalid("refresher.concurrency", "and refresher.batch must be at least 1"));

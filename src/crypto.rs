@@ -67,12 +67,14 @@ impl KeyRing {
             if bytes.len() != 32 {
                 return Err(invalid(key, "must be 32 bytes (256 bits) once base64-decoded"));
             }
-            keys.insert(id.clone(), Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)));
+            // Ids compare lower-case: keys set through the environment arrive lower-cased.
+            keys.insert(id.to_ascii_lowercase(), Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)));
         }
-        if !keys.contains_key(&settings.active_key) {
+        let active = settings.active_key.to_ascii_lowercase();
+        if !keys.contains_key(&active) {
             return Err(invalid("encryption.active_key".into(), "must name one of the keys in `encryption.keys`"));
         }
-        Ok(Some(Self { active: settings.active_key.clone(), keys }))
+        Ok(Some(Self { active, keys }))
     }
 
     pub fn active_key(&self) -> &str {

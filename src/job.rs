@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 
 use crate::provider::Provider;
 
-/// Longest `job_id`, `user_id` or `tool` accepted, in bytes.
-pub const MAX_ID_LEN: usize = 256;
+/// Longest `job_id`, `user_id` or `tool` accepted, in bytes. 255 is AMQP's short-string limit: a `job_id` may become a reply's `correlation_id`.
+pub const MAX_ID_LEN: usize = 255;
 
 /// A decoded, validated job.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,6 +5,7 @@
 //! a BSON document or a driver error type.
 
 mod migrations;
+mod results;
 mod states;
 mod tokens;
 
@@ -15,6 +16,7 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
+pub use results::{Claim, ResultStore};
 pub use states::{PendingConnect, StateStore};
 pub use tokens::{ClaimedToken, DueToken, NewTokens, StoredToken, TokenStatus, TokenStore};
 
@@ -83,6 +85,10 @@ impl Store {
 
     pub fn tokens(&self, provider: Provider, cipher: &Arc<TokenCipher>) -> TokenStore {
         TokenStore::new(&self.db, provider, cipher.clone())
+    }
+
+    pub fn results(&self) -> ResultStore {
+        ResultStore::new(&self.db)
     }
 
     pub fn states(&self, cipher: &Arc<TokenCipher>) -> StateStore {

@@ -65,8 +65,9 @@ pub struct DueToken {
 }
 
 /// A token this replica holds the lease on. Writes made with it succeed only while the document
-/// still has this version and this refresh token (compare-and-swap).
-#[derive(Debug, Clone)]
+/// still has this version and this refresh token (compare-and-swap). Its `Debug` leaves out the
+/// stored refresh token, which is plain text when encryption is off.
+#[derive(Clone)]
 pub struct ClaimedToken {
     pub user_id: String,
     pub refresh_token: Secret<String>,
@@ -76,6 +77,17 @@ pub struct ClaimedToken {
     version: i64,
     sealed_refresh_token: String,
     owner: String,
+}
+
+impl std::fmt::Debug for ClaimedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimedToken")
+            .field("user_id", &self.user_id)
+            .field("expires_at", &self.expires_at)
+            .field("version", &self.version)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Deserialize)]

@@ -12,19 +12,32 @@ use crate::job::{self, ErrorCode, InvalidJob, Job, Reply};
 use crate::provider::Provider;
 use crate::queue::Delivery;
 use crate::registry::{CredentialHeader, ServerSpec};
-use crate::store::TokenStatus;
+use crate::store::{Claim, StoreError, TokenStatus};
 
 /// What to do with one delivery.
 #[derive(Debug)]
 pub(super) enum Disposition {
-    /// Publish `reply`, then ack.
-    Reply { to: ReplyTarget, reply: Reply },
+    /// Publish `reply`, then ack. With `record`, the reply is first stored as the result of that
+    /// job id, so a redelivery gets it again instead of running the tool twice.
+    Reply { to: ReplyTarget, reply: Reply, record: Option<Record> },
+    /// The job already ran: publish its stored reply again, then ack.
+    Replay { to: ReplyTarget, body: Vec<u8> },
+    /// Another consumer is running this job id, or the result store is unreachable: put the job
+    /// in the delay queue (not counted as a deferral), then ack; it comes back later.
+    Wait,
     /// Publish `reply` if there is a target, copy the message to the dead-letter queue with
     /// `reason`, then ack.
     DeadLetter { reason: String, to: Option<ReplyTarget>, reply: Reply },
     /// Put the job in the delay queue (its `deferrals`-th wait), then ack; it comes back when
     /// the refresher has had time to renew the user's token.
     Defer { deferrals: u32, refresh: RefreshNeeded },
+}
+
+/// Which claim a reply completes.
+#[derive(Debug, Clone)]
+pub(super) struct Record {
+    pub job_id: String,
+    pub owner: String,
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +51,8 @@ impl Disposition {
     pub(super) fn outcome(&self) -> &'static str {
         match self {
             Disposition::Reply { reply, .. } | Disposition::DeadLetter { reply, .. } => reply.outcome(),
+            Disposition::Replay { .. } => "duplicate",
+            Disposition::Wait => "waiting",
             Disposition::Defer { .. } => "deferred",
         }
     }
@@ -71,19 +86,38 @@ impl Worker {
         };
         let to =
             ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
-        let disposition = match self.execute(&job, now).await {
-            Ok(reply) => Disposition::Reply { to, reply },
-            Err(refresh) if delivery.deferrals < self.config.max_deferrals => {
-                Disposition::Defer { deferrals: delivery.deferrals + 1, refresh }
+        let results = self.store.results();
+        let owner = format!("{}/{}", self.config.owner, uuid::Uuid::new_v4().simple());
+        let lease_until = now + chrono::Duration::from_std(self.config.claim_lease).unwrap_or(chrono::Duration::MAX);
+        let expires_at = now + chrono::Duration::from_std(self.config.results_ttl).unwrap_or(chrono::Duration::MAX);
+        let disposition = match results.claim(&job.job_id, &owner, now, lease_until, expires_at).await {
+            Ok(Claim::Done(body)) => Disposition::Replay { to, body },
+            Ok(Claim::Busy) => Disposition::Wait,
+            Err(e) => {
+                tracing::warn!(error = %e, "the result store is unreachable; the job waits");
+                Disposition::Wait
             }
-            Err(RefreshNeeded { provider, .. }) => {
-                let message = format!("the user's {provider} token could not be renewed in time; try again later");
-                Disposition::Reply {
-                    to,
-                    reply: Reply::error(Some(&job.job_id), ErrorCode::TokenUnavailable, message)
-                        .with_provider(provider),
+            Ok(Claim::Run) => match self.execute(&job, now).await {
+                Ok(reply) => {
+                    Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone(), owner }) }
                 }
-            }
+                Err(refresh) => {
+                    // Not run: the job's return claims it afresh.
+                    if let Err(e) = results.release(&job.job_id, &owner).await {
+                        tracing::warn!(error = %e, "could not release a job claim; it lapses with its lease");
+                    }
+                    if delivery.deferrals < self.config.max_deferrals {
+                        Disposition::Defer { deferrals: delivery.deferrals + 1, refresh }
+                    } else {
+                        let provider = refresh.provider;
+                        let message =
+                            format!("the user's {provider} token could not be renewed in time; try again later");
+                        let reply = Reply::error(Some(&job.job_id), ErrorCode::TokenUnavailable, message)
+                            .with_provider(provider);
+                        Disposition::Reply { to, reply, record: None }
+                    }
+                }
+            },
         };
         (Some(job), disposition)
     }
@@ -130,6 +164,15 @@ impl Worker {
             Ok(None) => {
                 let message = format!("the user has not connected {provider}; send them through the connect flow");
                 return Credential::Refused(Reply::error(id, ErrorCode::NotConnected, message).with_provider(provider));
+            }
+            // Sealed under a key no longer configured (or damaged): only reconnecting helps.
+            Err(StoreError::Unreadable(e)) => {
+                tracing::warn!(error = %e, "the stored token cannot be read");
+                let message =
+                    format!("the user's stored {provider} token cannot be read; send them through the connect flow");
+                return Credential::Refused(
+                    Reply::error(id, ErrorCode::ReauthRequired, message).with_provider(provider),
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %e, "token lookup failed");

@@ -38,6 +38,12 @@ pub struct WorkerConfig {
     pub refresh_queue: String,
     /// How long jobs in flight may take to finish after shutdown was asked for.
     pub shutdown_grace: Duration,
+    /// This process's name, the prefix of its job claims.
+    pub owner: String,
+    /// How long a job claim holds (longer than a call may take).
+    pub claim_lease: Duration,
+    /// How long a job's result is kept to recognise redeliveries.
+    pub results_ttl: Duration,
 }
 
 pub struct Worker {
@@ -144,7 +150,21 @@ impl Worker {
     /// Publishes what the disposition asks for, waits for the broker's confirms, then acks.
     async fn settle(&self, delivery: &Delivery, disposition: &Disposition) -> Result<(), QueueError> {
         match disposition {
-            Disposition::Reply { to, reply } => self.publish_reply(to, &reply.to_bytes()).await?,
+            Disposition::Reply { to, reply, record } => {
+                let body = reply.to_bytes();
+                if let Some(record) = record
+                    && let Err(e) = self.store.results().complete(&record.job_id, &record.owner, &body).await
+                {
+                    // The reply still goes out and the job is acked, so it is not redelivered; only
+                    // a crash before the ack could now run it twice.
+                    tracing::warn!(error = %e, "could not record the job's result");
+                }
+                self.publish_reply(to, &body).await?
+            }
+            Disposition::Replay { to, body } => self.publish_reply(to, body).await?,
+            Disposition::Wait => {
+                self.publisher.defer(&self.config.delay_queue, delivery, delivery.deferrals).await?;
+            }
             Disposition::DeadLetter { reason, to, reply } => {
                 tracing::warn!(reason = %reason, "dead-lettering the message");
                 if let Some(to) = to {

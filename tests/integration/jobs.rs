@@ -196,7 +196,8 @@ async fn a_job_is_not_acked_while_the_broker_refuses_its_reply() {
     // delivers it again until the delivery limit, then dead-letters it itself (no worker reason).
     let dead = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("the broker dead-letters the job");
     assert_eq!(header(&dead.properties, "x-mcp-worker-reason"), None);
-    assert!(server.tool_calls().len() >= 2, "the job ran {} time(s)", server.tool_calls().len());
+    // The tool ran once: the redeliveries replayed its recorded reply (also refused by the broker).
+    assert_eq!(server.tool_calls().len(), 1);
     app.stop().await;
 }
 
@@ -229,4 +230,40 @@ async fn shutdown_waits_the_grace_period_then_leaves_unfinished_jobs_for_redeliv
     let back = back.expect("the unfinished job is back in the queue");
     assert!(back.delivery.redelivered, "the broker marks it as delivered before");
     assert!(String::from_utf8_lossy(&back.delivery.data).contains("job-slow"));
+}
+
+#[tokio::test]
+async fn a_republished_job_gets_its_recorded_reply_and_the_tool_runs_once() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app(&server.url()).await;
+
+    app.call("job-1", "alice", "count_job", json!({ "job_id": "job-1" })).await;
+    let (first, _) = app.next_reply().await;
+    assert_eq!(first["status"], "ok", "{first}");
+    app.call("job-1", "alice", "count_job", json!({ "job_id": "job-1" })).await;
+    let (second, correlation) = app.next_reply().await;
+
+    assert_eq!(second, first, "the same reply again");
+    assert_eq!(correlation.as_deref(), Some("corr-job-1"));
+    assert_eq!(server.tool_calls().len(), 1, "the tool ran once");
+    app.call("job-2", "alice", "count_job", json!({ "job_id": "job-2" })).await;
+    app.next_reply().await;
+    assert_eq!(server.tool_calls().len(), 2, "another job id runs");
+}
+
+#[tokio::test]
+async fn two_deliveries_of_one_job_at_the_same_time_run_it_once() {
+    let server = McpServer::spawn(Flavor::V1Json).await;
+    let app = spawn_app_with(&server.url(), &[("tokens.defer_ms", json!(200))]).await;
+
+    // The first delivery is still running the tool when the second arrives: the second waits
+    // (delay queue) and then gets the first one's recorded reply.
+    app.call("job-1", "alice", "sleep", json!({ "seconds": 1 })).await;
+    app.call("job-1", "alice", "sleep", json!({ "seconds": 1 })).await;
+    let (first, _) = app.next_reply().await;
+    let (second, _) = app.next_reply().await;
+
+    assert_eq!(first["status"], "ok", "{first}");
+    assert_eq!(second, first);
+    assert_eq!(server.tool_calls().len(), 1, "the tool ran once");
 }

@@ -67,7 +67,10 @@ pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
         .merge(Serialized::default("amqp.events_exchange", format!("t.{id}.events")))
         .merge(Serialized::default("mcp.call_timeout_ms", 10_000))
         .merge(Serialized::default("mcp.servers.qlik.url", mcp_url))
-        .merge(Serialized::default("mcp.servers.plain", json!({ "url": mcp_url, "tools": ["echo", "sleep"] })))
+        .merge(Serialized::default(
+            "mcp.servers.plain",
+            json!({ "url": mcp_url, "tools": ["echo", "sleep", "count_job"] }),
+        ))
         .merge(Serialized::default("encryption.active_key", "test1"))
         .merge(Serialized::default("encryption.keys", json!({ "test1": TEST_KEY })))
         .merge(Serialized::default("http.listen", "127.0.0.1:0"))
