@@ -13,7 +13,7 @@ use chrono::Utc;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiState, page, problem, unauthorized};
+use super::{ApiState, page, problem};
 use crate::messages::TokenEventKind;
 use crate::store::PendingConnect;
 
@@ -39,10 +39,7 @@ pub(super) async fn authorize(
     headers: HeaderMap,
     body: Result<Json<AuthorizeBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !api.authorized(&headers) {
-        return unauthorized();
-    }
-    let (provider, client) = match api.client(&provider) {
+    let (provider, client) = match api.internal(&headers, &provider) {
         Ok(found) => found,
         Err(response) => return response,
     };

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::{ApiState, problem, unauthorized};
+use super::{ApiState, problem};
 use crate::messages::TokenEventKind;
 use crate::store::TokenStatus;
 
@@ -30,10 +30,7 @@ pub(super) async fn status(
     Path((provider, user_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if !api.authorized(&headers) {
-        return unauthorized();
-    }
-    let (provider, _) = match api.client(&provider) {
+    let (provider, _) = match api.internal(&headers, &provider) {
         Ok(found) => found,
         Err(response) => return response,
     };
@@ -65,10 +62,7 @@ pub(super) async fn disconnect(
     Path((provider, user_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if !api.authorized(&headers) {
-        return unauthorized();
-    }
-    let (provider, client) = match api.client(&provider) {
+    let (provider, client) = match api.internal(&headers, &provider) {
         Ok(found) => found,
         Err(response) => return response,
     };

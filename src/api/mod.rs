@@ -68,6 +68,16 @@ impl ApiState {
         }
     }
 
+    /// The checks every internal endpoint starts with: the service key, then the provider named in
+    /// the path. Returns the provider and its client, or the response that refuses the request.
+    #[allow(clippy::result_large_err)]
+    fn internal(&self, headers: &HeaderMap, provider: &str) -> Result<(Provider, &Arc<OAuthClient>), Response> {
+        if !self.authorized(headers) {
+            return Err(unauthorized());
+        }
+        self.client(provider)
+    }
+
     /// The provider named in the path and its client, or the response that refuses the request.
     // The error is a finished HTTP response, built at most once per request: its size is moot.
     #[allow(clippy::result_large_err)]
