@@ -267,3 +267,42 @@ async fn two_deliveries_of_one_job_at_the_same_time_run_it_once() {
     assert_eq!(second, first);
     assert_eq!(server.tool_calls().len(), 1, "the tool ran once");
 }
+
+#[tokio::test]
+async fn every_job_of_the_malformed_corpus_is_refused_and_dead_lettered_with_a_reason() {
+    let app = spawn_app("http://127.0.0.1:9/mcp").await;
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/bad_jobs");
+    let mut cases: Vec<(String, Vec<u8>)> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap()))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 20, "the corpus is there");
+    for (name, body) in &cases {
+        app.publish(body, Some(name)).await;
+    }
+
+    let mut replied = std::collections::BTreeMap::new();
+    for _ in &cases {
+        let (reply, correlation) = app.next_reply().await;
+        replied.insert(correlation.expect("replies carry the correlation id"), reply);
+    }
+    let mut dead = std::collections::BTreeMap::new();
+    for _ in &cases {
+        let message = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("dead-lettered");
+        let correlation = message.properties.correlation_id().as_ref().unwrap().as_str().to_owned();
+        dead.insert(correlation, (message.data.clone(), header(&message.properties, "x-mcp-worker-reason")));
+    }
+    for (name, body) in &cases {
+        let reply = &replied[name];
+        assert_eq!(reply["status"], "error", "{name}: {reply}");
+        assert_eq!(reply["error"]["code"], "invalid_job", "{name}: {reply}");
+        let (dead_body, reason) = &dead[name];
+        assert_eq!(dead_body, body, "{name}: the dead letter keeps the original body");
+        let reason = reason.as_deref().unwrap_or_default();
+        assert!(!reason.is_empty(), "{name}: a reason header");
+        assert_eq!(reply["error"]["message"], reason, "{name}: the reply and the dead letter say the same");
+    }
+}
