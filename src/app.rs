@@ -112,6 +112,12 @@ impl App {
                     + Duration::from_secs(settings.tokens.clock_skew_secs)
                     + Duration::from_secs(10),
                 results_ttl: Duration::from_secs(settings.worker.results_ttl_secs),
+                retries: settings
+                    .worker
+                    .retry_delays_ms
+                    .iter()
+                    .map(|ms| (settings.amqp.retry_queue(*ms), Duration::from_millis(*ms)))
+                    .collect(),
             };
             let worker = Worker::new(config, registry.clone(), store.clone(), cipher.clone(), mcp, publisher.clone());
             let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;
@@ -218,6 +224,7 @@ pub fn topology(settings: &Settings) -> Topology {
         delivery_limit: settings.amqp.delivery_limit,
         delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
         delay_ms: settings.tokens.defer_ms,
+        retry_queues: settings.worker.retry_delays_ms.iter().map(|ms| (settings.amqp.retry_queue(*ms), *ms)).collect(),
         refresh_queue: settings.amqp.refresh_queue.clone(),
         events_exchange: settings.amqp.events_exchange.clone(),
     }

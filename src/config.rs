@@ -168,6 +168,7 @@ pub struct WorkerSettings {
     pub max_arguments_depth: usize,
     pub shutdown_grace_secs: u64,
     pub results_ttl_secs: u64,
+    pub retry_delays_ms: Vec<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +184,11 @@ impl AmqpSettings {
     /// declares a new queue instead of clashing with the old one's arguments.
     pub fn delay_queue(&self, defer_ms: u64) -> String {
         format!("{}.delay.{defer_ms}ms", self.jobs_queue)
+    }
+
+    /// The queue a job waits in before a retry `delay_ms` later; named like [`Self::delay_queue`].
+    pub fn retry_queue(&self, delay_ms: u64) -> String {
+        format!("{}.retry.{delay_ms}ms", self.jobs_queue)
     }
 }
 
@@ -292,6 +298,9 @@ impl Settings {
         }
         if self.worker.max_arguments_depth == 0 || self.worker.max_arguments_depth > 100 {
             return Err(invalid("worker.max_arguments_depth", "must be between 1 and 100"));
+        }
+        if self.worker.retry_delays_ms.len() > 10 || self.worker.retry_delays_ms.contains(&0) {
+            return Err(invalid("worker.retry_delays_ms", "must hold at most 10 delays of at least 1 ms"));
         }
         if self.worker.max_job_bytes < 256 {
             return Err(invalid("worker.max_job_bytes", "must be at least 256"));

@@ -197,6 +197,14 @@ impl Reply {
         serde_json::to_vec(self).expect("a reply always serializes")
     }
 
+    /// The error code, for an error reply.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        match self {
+            Reply::Ok { .. } => None,
+            Reply::Error { error, .. } => Some(error.code),
+        }
+    }
+
     /// A short label for logs and metrics: `ok` or the error code.
     pub fn outcome(&self) -> &'static str {
         match self {

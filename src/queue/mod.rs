@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-pub use publisher::{DEFERRALS_HEADER, Published, Publisher, REASON_HEADER};
+pub use publisher::{ATTEMPTS_HEADER, DEFERRALS_HEADER, Published, Publisher, REASON_HEADER};
 pub use topology::Topology;
 
 use crate::secret::Secret;
@@ -107,6 +107,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// How many times the worker already deferred this job waiting for its token.
     pub deferrals: u32,
+    /// How many times the worker already retried this job after a transient MCP failure.
+    pub retries: u32,
     inner: lapin::message::Delivery,
 }
 
@@ -120,7 +122,8 @@ impl From<lapin::message::Delivery> for Delivery {
             correlation_id: text(props.correlation_id()),
             message_id: text(props.message_id()),
             redelivered: inner.redelivered,
-            deferrals: deferrals(props),
+            deferrals: counter(props, DEFERRALS_HEADER),
+            retries: counter(props, ATTEMPTS_HEADER),
             body: std::mem::take(&mut inner.data),
             inner,
         }
@@ -145,9 +148,10 @@ impl Delivery {
     }
 }
 
-fn deferrals(properties: &lapin::BasicProperties) -> u32 {
+/// A counter header of ours, 0 when absent or not a number.
+fn counter(properties: &lapin::BasicProperties, header: &str) -> u32 {
     use lapin::types::AMQPValue;
-    let value = properties.headers().as_ref().and_then(|h| h.inner().get(DEFERRALS_HEADER).cloned());
+    let value = properties.headers().as_ref().and_then(|h| h.inner().get(header).cloned());
     match value {
         Some(AMQPValue::LongUInt(n)) => n,
         Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),

@@ -12,6 +12,9 @@ pub const REASON_HEADER: &str = "x-mcp-worker-reason";
 /// Header counting how many times a job was deferred waiting for its token.
 pub const DEFERRALS_HEADER: &str = "x-mcp-deferrals";
 
+/// Header counting how many times a job was retried after a transient MCP failure.
+pub const ATTEMPTS_HEADER: &str = "x-mcp-retries";
+
 /// Reply-to names of RabbitMQ's direct reply-to feature start with this.
 const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
 
@@ -61,13 +64,20 @@ impl Publisher {
         self.publish(queue, &delivery.body, properties).await
     }
 
-    /// Puts a copy of `delivery` in the delay `queue` with its deferral count, and waits for the
-    /// confirm. The delay queue sends it back to the jobs queue when its TTL runs out.
+    /// Puts a copy of `delivery` in the delay `queue` with its deferral and retry counts, and waits
+    /// for the confirm. The delay queue sends it back to the jobs queue when its TTL runs out.
     #[tracing::instrument(skip_all)]
-    pub async fn defer(&self, queue: &str, delivery: &Delivery, deferrals: u32) -> Result<Published, QueueError> {
+    pub async fn delay(
+        &self,
+        queue: &str,
+        delivery: &Delivery,
+        deferrals: u32,
+        retries: u32,
+    ) -> Result<Published, QueueError> {
         let original = delivery.properties();
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(deferrals));
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(retries));
         let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
         self.publish(queue, &delivery.body, properties).await
     }

@@ -19,6 +19,8 @@ pub struct Topology {
     pub delivery_limit: u32,
     pub delay_queue: String,
     pub delay_ms: u64,
+    /// Queues a job waits in before a retry, with their delays in milliseconds.
+    pub retry_queues: Vec<(String, u64)>,
     pub refresh_queue: String,
     pub events_exchange: String,
 }
@@ -49,13 +51,19 @@ impl Topology {
         jobs.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.dead_letter_queue.as_str().into()));
         declare(&self.jobs_queue, jobs).await?;
 
-        // A classic queue: with one TTL for all its messages, expiry always happens at the head,
-        // so every message goes back on time.
-        let mut delay = FieldTable::default();
-        delay.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(self.delay_ms).unwrap_or(i64::MAX)));
-        delay.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-        delay.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.jobs_queue.as_str().into()));
-        declare(&self.delay_queue, delay).await?;
+        // Classic queues: with one TTL for all its messages, expiry always happens at the head, so
+        // every message goes back on time. One queue per delay, for the same reason.
+        let delay = |ms: u64| {
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.jobs_queue.as_str().into()));
+            args
+        };
+        declare(&self.delay_queue, delay(self.delay_ms)).await?;
+        for (queue, ms) in &self.retry_queues {
+            declare(queue, delay(*ms)).await?;
+        }
 
         let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
         channel

@@ -22,6 +22,9 @@ pub(super) enum Disposition {
     Reply { to: ReplyTarget, reply: Reply, record: Option<Record> },
     /// The job already ran: publish its stored reply again, then ack.
     Replay { to: ReplyTarget, body: Vec<u8> },
+    /// The MCP server was unavailable: put the job in the `level`-th retry queue, then ack; it runs
+    /// again after that queue's delay.
+    Retry { level: usize },
     /// Another consumer is running this job id, or the result store is unreachable: put the job
     /// in the delay queue (not counted as a deferral), then ack; it comes back later.
     Wait,
@@ -52,6 +55,7 @@ impl Disposition {
         match self {
             Disposition::Reply { reply, .. } | Disposition::DeadLetter { reply, .. } => reply.outcome(),
             Disposition::Replay { .. } => "duplicate",
+            Disposition::Retry { .. } => "retrying",
             Disposition::Wait => "waiting",
             Disposition::Defer { .. } => "deferred",
         }
@@ -99,7 +103,23 @@ impl Worker {
             }
             Ok(Claim::Run) => match self.execute(&job, now).await {
                 Ok(reply) => {
-                    Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone(), owner }) }
+                    let delays: Vec<_> = self.config.retries.iter().map(|(_, delay)| *delay).collect();
+                    match policy::retry_level(reply.error_code(), delivery.retries, &delays, Utc::now(), job.deadline) {
+                        Some(level) => {
+                            // Not answered: the retry claims the job afresh.
+                            if let Err(e) = results.release(&job.job_id, &owner).await {
+                                tracing::warn!(error = %e, "could not release a job claim; it lapses with its lease");
+                            }
+                            tracing::info!(
+                                retry = delivery.retries + 1,
+                                "the MCP server is unavailable; retrying later"
+                            );
+                            Disposition::Retry { level }
+                        }
+                        None => {
+                            Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone(), owner }) }
+                        }
+                    }
                 }
                 Err(refresh) => {
                     // Not run: the job's return claims it afresh.

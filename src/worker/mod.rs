@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     pub claim_lease: Duration,
     /// How long a job's result is kept to recognise redeliveries.
     pub results_ttl: Duration,
+    /// The retry delay queues, in order, with their delays.
+    pub retries: Vec<(String, Duration)>,
 }
 
 pub struct Worker {
@@ -162,8 +164,12 @@ impl Worker {
                 self.publish_reply(to, &body).await?
             }
             Disposition::Replay { to, body } => self.publish_reply(to, body).await?,
+            Disposition::Retry { level } => {
+                let (queue, _) = &self.config.retries[*level];
+                self.publisher.delay(queue, delivery, delivery.deferrals, delivery.retries + 1).await?;
+            }
             Disposition::Wait => {
-                self.publisher.defer(&self.config.delay_queue, delivery, delivery.deferrals).await?;
+                self.publisher.delay(&self.config.delay_queue, delivery, delivery.deferrals, delivery.retries).await?;
             }
             Disposition::DeadLetter { reason, to, reply } => {
                 tracing::warn!(reason = %reason, "dead-lettering the message");
@@ -174,7 +180,7 @@ impl Worker {
             }
             Disposition::Defer { deferrals, refresh } => {
                 self.request_refresh(refresh).await;
-                self.publisher.defer(&self.config.delay_queue, delivery, *deferrals).await?;
+                self.publisher.delay(&self.config.delay_queue, delivery, *deferrals, delivery.retries).await?;
             }
         }
         delivery.ack().await

@@ -68,6 +68,26 @@ pub fn token_verdict(
     }
 }
 
+/// Whether a reply should instead become a retry, and after which of the `delays`: only
+/// `mcp_unavailable` is retried, at most once per delay, and never past the job's deadline.
+pub fn retry_level(
+    code: Option<ErrorCode>,
+    retries: u32,
+    delays: &[Duration],
+    now: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+) -> Option<usize> {
+    if code != Some(ErrorCode::McpUnavailable) {
+        return None;
+    }
+    let level = usize::try_from(retries).ok()?;
+    let delay = chrono::Duration::from_std(*delays.get(level)?).ok()?;
+    match deadline {
+        Some(deadline) if now + delay >= deadline => None,
+        _ => Some(level),
+    }
+}
+
 /// The reply's error code for a failed call.
 pub fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
     match error {
@@ -116,6 +136,20 @@ mod tests {
         assert_eq!(token_verdict(at(0), at(59), false, need), TokenVerdict::Refresh);
         assert_eq!(token_verdict(at(100), at(0), false, need), TokenVerdict::Refresh, "expired");
         assert_eq!(token_verdict(at(0), at(9999), true, need), TokenVerdict::ReauthRequired);
+    }
+
+    #[test]
+    fn only_unavailable_servers_are_retried_once_per_delay_and_never_past_the_deadline() {
+        let delays = [Duration::from_secs(1), Duration::from_secs(5)];
+        let unavailable = Some(ErrorCode::McpUnavailable);
+        assert_eq!(retry_level(unavailable, 0, &delays, at(0), None), Some(0));
+        assert_eq!(retry_level(unavailable, 1, &delays, at(0), None), Some(1));
+        assert_eq!(retry_level(unavailable, 2, &delays, at(0), None), None, "delays used up");
+        assert_eq!(retry_level(unavailable, 1, &delays, at(0), Some(at(5))), None, "would end at the deadline");
+        assert_eq!(retry_level(unavailable, 1, &delays, at(0), Some(at(6))), Some(1));
+        assert_eq!(retry_level(Some(ErrorCode::McpProtocolError), 0, &delays, at(0), None), None);
+        assert_eq!(retry_level(None, 0, &delays, at(0), None), None);
+        assert_eq!(retry_level(unavailable, 0, &[], at(0), None), None);
     }
 
     #[test]

@@ -137,9 +137,9 @@ async fn a_passed_deadline_is_answered_without_calling_the_server() {
 }
 
 #[tokio::test]
-async fn an_unreachable_server_gives_a_retryable_mcp_unavailable() {
+async fn an_unreachable_server_gives_a_retryable_mcp_unavailable_once_retries_are_used_up() {
     // Nothing listens on port 9 (discard) on these machines.
-    let app = spawn_app("http://127.0.0.1:9/mcp").await;
+    let app = spawn_app_with("http://127.0.0.1:9/mcp", &[("worker.retry_delays_ms", json!([100, 200]))]).await;
     app.store_token("alice", "t").await;
 
     app.call("job-1", "alice", "qlik_whoami", json!({})).await;
@@ -152,7 +152,8 @@ async fn an_unreachable_server_gives_a_retryable_mcp_unavailable() {
 #[tokio::test]
 async fn a_call_that_outlives_the_call_timeout_gives_a_retryable_mcp_unavailable() {
     let server = McpServer::spawn(Flavor::V1Json).await;
-    let app = spawn_app_with(&server.url(), &[("mcp.call_timeout_ms", json!(300))]).await;
+    let overrides = [("mcp.call_timeout_ms", json!(300)), ("worker.retry_delays_ms", json!([]))];
+    let app = spawn_app_with(&server.url(), &overrides).await;
 
     app.call("job-1", "alice", "sleep", json!({ "seconds": 5 })).await;
     let (reply, _) = app.next_reply().await;
@@ -305,4 +306,21 @@ async fn every_job_of_the_malformed_corpus_is_refused_and_dead_lettered_with_a_r
         assert!(!reason.is_empty(), "{name}: a reason header");
         assert_eq!(reply["error"]["message"], reason, "{name}: the reply and the dead letter say the same");
     }
+}
+
+#[tokio::test]
+async fn a_job_is_retried_until_its_unavailable_server_answers() {
+    let port = McpServer::reserve_port();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let app = spawn_app_with(&url, &[("worker.retry_delays_ms", json!([300, 600, 1200, 2400, 4800, 9600]))]).await;
+    app.store_token("alice", "t").await;
+
+    // The server is down when the job arrives, and comes up while the job waits to be retried.
+    app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let server = McpServer::spawn_on(Flavor::V2Json, port).await;
+    let (reply, _) = app.next_reply().await;
+
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(server.tool_calls().len(), 1);
 }

@@ -63,7 +63,15 @@ fn free_port() -> u16 {
 
 impl McpServer {
     pub async fn spawn(flavor: Flavor) -> Self {
-        let port = free_port();
+        Self::spawn_on(flavor, free_port()).await
+    }
+
+    /// A port nothing listens on yet, to start a server on later with [`McpServer::spawn_on`].
+    pub fn reserve_port() -> u16 {
+        free_port()
+    }
+
+    pub async fn spawn_on(flavor: Flavor, port: u16) -> Self {
         let python = repo().join(".venv").join(flavor.venv()).join("bin/python");
         assert!(python.exists(), "{} is missing: run scripts/python-envs", python.display());
         let dir = tempfile::tempdir().unwrap();
