@@ -324,3 +324,47 @@ async fn a_job_is_retried_until_its_unavailable_server_answers() {
     assert_eq!(reply["status"], "ok", "{reply}");
     assert_eq!(server.tool_calls().len(), 1);
 }
+
+#[tokio::test]
+async fn two_worker_processes_given_every_job_twice_run_each_job_once() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    // The test's own in-process worker takes part too, one job at a time: three consumers in all.
+    let app = spawn_app_with(&server.url(), &[("worker.concurrency", json!(1)), ("tokens.defer_ms", json!(200))]).await;
+    let env = crate::support::worker_env(
+        &app.settings,
+        &[("tokens.defer_ms", json!(200)), ("telemetry.filter", json!("warn"))],
+    );
+    let mut workers: Vec<_> = (0..2)
+        .map(|_| crate::support::spawn_worker(&["run", "--roles", "worker"], &env, std::process::Stdio::inherit()))
+        .collect();
+
+    // Every job is published twice, so deliveries of the same job_id race between processes.
+    for job in 0..50 {
+        let job_id = format!("job-{job}");
+        for _ in 0..2 {
+            app.call(&job_id, "alice", "count_job", json!({ "job_id": job_id })).await;
+        }
+    }
+    let mut replies = std::collections::BTreeMap::<String, Vec<serde_json::Value>>::new();
+    for _ in 0..100 {
+        let (reply, _) = app.next_reply().await;
+        replies.entry(reply["job_id"].as_str().unwrap().to_owned()).or_default().push(reply);
+    }
+    for worker in &mut workers {
+        assert!(crate::support::terminate(worker));
+    }
+
+    assert_eq!(replies.len(), 50, "every job answered");
+    for (job_id, answers) in &replies {
+        assert_eq!(answers.len(), 2, "{job_id}: one reply per delivery");
+        assert_eq!(answers[0], answers[1], "{job_id}: the same reply both times");
+        assert_eq!(answers[0]["status"], "ok", "{job_id}: {}", answers[0]);
+    }
+    let mut executions = std::collections::BTreeMap::<String, usize>::new();
+    for call in server.tool_calls() {
+        let job_id = call.arguments.unwrap()["job_id"].as_str().unwrap().to_owned();
+        *executions.entry(job_id).or_default() += 1;
+    }
+    assert_eq!(executions.len(), 50);
+    assert!(executions.values().all(|&n| n == 1), "a job ran twice: {executions:?}");
+}

@@ -20,8 +20,13 @@ pub fn worker_env(settings: &Settings, extra: &[(&str, Value)]) -> Vec<(String, 
         ("encryption.active_key".into(), "test1".into()),
         ("encryption.keys.test1".into(), TEST_KEY.into()),
         ("http.service_key".into(), SERVICE_KEY.into()),
-        ("mcp.servers.qlik.url".into(), settings.mcp.servers["qlik"].url.clone()),
     ];
+    for (name, server) in &settings.mcp.servers {
+        pairs.push((format!("mcp.servers.{name}.url"), server.url.clone()));
+        if let Some(tools) = &server.tools {
+            pairs.push((format!("mcp.servers.{name}.tools"), format!("[{}]", tools.join(", "))));
+        }
+    }
     pairs.extend(
         extra
             .iter()
