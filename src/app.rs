@@ -60,7 +60,7 @@ impl Roles {
 }
 
 pub struct App {
-    broker: Broker,
+    broker: Arc<Broker>,
     worker: Option<(Arc<Worker>, Jobs)>,
     refresher: Option<(Arc<Refresher>, Jobs)>,
     api: Option<(tokio::net::TcpListener, Arc<ApiState>)>,
@@ -72,7 +72,7 @@ impl App {
         let registry = Arc::new(Registry::from_settings(&settings.mcp)?);
         let store = Store::connect(&settings.mongodb).await?;
         store.ping().await?;
-        let broker = Broker::connect(&settings.amqp.url, "mcp-worker").await?;
+        let broker = Arc::new(Broker::connect(&settings.amqp.url, "mcp-worker").await?);
         broker.declare(&topology(settings)).await?;
         let publisher = broker.publisher().await?;
         let events = Events::new(publisher.clone(), settings.amqp.events_exchange.clone());
@@ -154,6 +154,7 @@ impl App {
                 cipher: cipher.clone(),
                 oauth,
                 events: events.clone(),
+                broker: broker.clone(),
                 service_key: settings.http.service_key.clone(),
                 default_return_to: settings.http.default_return_to.clone(),
                 return_to_allowlist: settings

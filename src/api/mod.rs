@@ -1,10 +1,11 @@
-//! The HTTP API (axum): the OAuth connect flow, disconnect and connection status.
+//! The HTTP API (axum): the OAuth connect flow, disconnect, connection status, and health.
 //!
 //! Internal endpoints (called by the chat backend) require `Authorization: Bearer <http.service_key>`,
 //! compared in constant time; the callback is public because the user's browser lands on it.
 
 mod connect;
 mod connections;
+mod health;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::crypto::TokenCipher;
 use crate::events::Events;
 use crate::oauth::OAuthClient;
 use crate::provider::Provider;
+use crate::queue::Broker;
 use crate::secret::Secret;
 use crate::store::Store;
 
@@ -29,6 +31,7 @@ pub struct ApiState {
     pub cipher: Arc<TokenCipher>,
     pub oauth: HashMap<Provider, Arc<OAuthClient>>,
     pub events: Events,
+    pub broker: Arc<Broker>,
     pub service_key: Secret<String>,
     pub default_return_to: String,
     pub return_to_allowlist: Vec<reqwest::Url>,
@@ -41,6 +44,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/connections/{provider}/callback", get(connect::callback))
         .route("/v1/connections/{provider}/{user_id}", get(connections::status).delete(connections::disconnect))
         .route("/v1/connected", get(connect::landing))
+        .route("/healthz", get(health::alive))
+        .route("/readyz", get(health::ready))
         .with_state(state)
 }
 

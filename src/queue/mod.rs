@@ -72,6 +72,11 @@ impl Broker {
         Publisher::open(&self.connection).await
     }
 
+    /// Whether the AMQP connection is up, for readiness.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
     pub async fn close(&self) {
         // Closing fails only when the connection is already gone, which is what we want anyway.
         let _ = self.connection.close(200, "shutting down".into()).await;

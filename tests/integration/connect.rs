@@ -116,3 +116,15 @@ async fn disconnect_revokes_at_the_provider_deletes_and_repeats_as_204() {
     assert_eq!(fx.app.next_event(&events).await.0, "token.connected");
     assert_eq!(fx.app.next_event(&events).await.0, "token.disconnected");
 }
+
+#[tokio::test]
+async fn health_and_readiness_answer_without_a_service_key() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let http = reqwest::Client::new();
+    let alive = http.get(format!("{}/healthz", fx.app.api)).send().await.unwrap();
+    assert_eq!(alive.status(), 200);
+    let ready = http.get(format!("{}/readyz", fx.app.api)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body, json!({ "ready": true, "database": true, "broker": true }));
+}
