@@ -227,7 +227,11 @@ impl Refresher {
                         .await;
                     Ok(RefreshOutcome::ReauthRequired)
                 }
-                FailureKind::Transient { retry_after } => {
+                FailureKind::Transient { .. } | FailureKind::Misconfigured => {
+                    let retry_after = match e.kind {
+                        FailureKind::Transient { retry_after } => retry_after,
+                        _ => None,
+                    };
                     let at = retry_at(
                         Utc::now(),
                         claimed.failures,
@@ -236,20 +240,11 @@ impl Refresher {
                         retry_after,
                         rand::random(),
                     );
-                    tracing::info!(error = %e, retry_at = %at, "transient refresh failure; retrying later");
-                    self.tokens.release(&claimed, at).await?;
-                    Ok(RefreshOutcome::RetryLater)
-                }
-                FailureKind::Misconfigured => {
-                    let at = retry_at(
-                        Utc::now(),
-                        claimed.failures,
-                        self.config.retry_initial,
-                        self.config.retry_max,
-                        None,
-                        rand::random(),
-                    );
-                    tracing::error!(error = %e, "the provider refuses this client: check providers.* settings");
+                    if e.kind == FailureKind::Misconfigured {
+                        tracing::error!(error = %e, "the provider refuses this client: check providers.* settings");
+                    } else {
+                        tracing::info!(error = %e, retry_at = %at, "transient refresh failure; retrying later");
+                    }
                     self.tokens.release(&claimed, at).await?;
                     Ok(RefreshOutcome::RetryLater)
                 }

@@ -12,7 +12,7 @@ use crate::job::{self, ErrorCode, InvalidJob, Job, Reply};
 use crate::provider::Provider;
 use crate::queue::Delivery;
 use crate::registry::{CredentialHeader, ServerSpec};
-use crate::store::{Claim, StoreError, TokenStatus};
+use crate::store::{Claim, ResultStore, StoreError, TokenStatus};
 
 /// What to do with one delivery.
 #[derive(Debug)]
@@ -103,13 +103,11 @@ impl Worker {
             }
             Ok(Claim::Run) => match self.execute(&job, now).await {
                 Ok(reply) => {
-                    let delays: Vec<_> = self.config.retries.iter().map(|(_, delay)| *delay).collect();
-                    match policy::retry_level(reply.error_code(), delivery.retries, &delays, Utc::now(), job.deadline) {
+                    let delays = self.config.retries.iter().map(|(_, delay)| *delay);
+                    match policy::retry_level(reply.error_code(), delivery.retries, delays, Utc::now(), job.deadline) {
                         Some(level) => {
                             // Not answered: the retry claims the job afresh.
-                            if let Err(e) = results.release(&job.job_id, &owner).await {
-                                tracing::warn!(error = %e, "could not release a job claim; it lapses with its lease");
-                            }
+                            release(&results, &job.job_id, &owner).await;
                             tracing::info!(
                                 retry = delivery.retries + 1,
                                 "the MCP server is unavailable; retrying later"
@@ -123,9 +121,7 @@ impl Worker {
                 }
                 Err(refresh) => {
                     // Not run: the job's return claims it afresh.
-                    if let Err(e) = results.release(&job.job_id, &owner).await {
-                        tracing::warn!(error = %e, "could not release a job claim; it lapses with its lease");
-                    }
+                    release(&results, &job.job_id, &owner).await;
                     if delivery.deferrals < self.config.max_deferrals {
                         Disposition::Defer { deferrals: delivery.deferrals + 1, refresh }
                     } else {
@@ -219,6 +215,13 @@ impl Worker {
                 Credential::Refused(Reply::error(id, ErrorCode::ReauthRequired, message).with_provider(provider))
             }
         }
+    }
+}
+
+/// Gives up a job claim; if that fails the claim simply lapses with its lease.
+async fn release(results: &ResultStore, job_id: &str, owner: &str) {
+    if let Err(e) = results.release(job_id, owner).await {
+        tracing::warn!(error = %e, "could not release a job claim; it lapses with its lease");
     }
 }
 

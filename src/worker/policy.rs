@@ -73,7 +73,7 @@ pub fn token_verdict(
 pub fn retry_level(
     code: Option<ErrorCode>,
     retries: u32,
-    delays: &[Duration],
+    delays: impl IntoIterator<Item = Duration>,
     now: DateTime<Utc>,
     deadline: Option<DateTime<Utc>>,
 ) -> Option<usize> {
@@ -81,7 +81,7 @@ pub fn retry_level(
         return None;
     }
     let level = usize::try_from(retries).ok()?;
-    let delay = chrono::Duration::from_std(*delays.get(level)?).ok()?;
+    let delay = chrono::Duration::from_std(delays.into_iter().nth(level)?).ok()?;
     match deadline {
         Some(deadline) if now + delay >= deadline => None,
         _ => Some(level),
@@ -142,14 +142,14 @@ mod tests {
     fn only_unavailable_servers_are_retried_once_per_delay_and_never_past_the_deadline() {
         let delays = [Duration::from_secs(1), Duration::from_secs(5)];
         let unavailable = Some(ErrorCode::McpUnavailable);
-        assert_eq!(retry_level(unavailable, 0, &delays, at(0), None), Some(0));
-        assert_eq!(retry_level(unavailable, 1, &delays, at(0), None), Some(1));
-        assert_eq!(retry_level(unavailable, 2, &delays, at(0), None), None, "delays used up");
-        assert_eq!(retry_level(unavailable, 1, &delays, at(0), Some(at(5))), None, "would end at the deadline");
-        assert_eq!(retry_level(unavailable, 1, &delays, at(0), Some(at(6))), Some(1));
-        assert_eq!(retry_level(Some(ErrorCode::McpProtocolError), 0, &delays, at(0), None), None);
-        assert_eq!(retry_level(None, 0, &delays, at(0), None), None);
-        assert_eq!(retry_level(unavailable, 0, &[], at(0), None), None);
+        assert_eq!(retry_level(unavailable, 0, delays, at(0), None), Some(0));
+        assert_eq!(retry_level(unavailable, 1, delays, at(0), None), Some(1));
+        assert_eq!(retry_level(unavailable, 2, delays, at(0), None), None, "delays used up");
+        assert_eq!(retry_level(unavailable, 1, delays, at(0), Some(at(5))), None, "would end at the deadline");
+        assert_eq!(retry_level(unavailable, 1, delays, at(0), Some(at(6))), Some(1));
+        assert_eq!(retry_level(Some(ErrorCode::McpProtocolError), 0, delays, at(0), None), None);
+        assert_eq!(retry_level(None, 0, delays, at(0), None), None);
+        assert_eq!(retry_level(unavailable, 0, [], at(0), None), None);
     }
 
     #[test]
