@@ -23,7 +23,7 @@ use crate::queue::{Broker, Jobs, QueueError, Topology};
 use crate::refresher::{Refresher, RefresherConfig, RefresherError};
 use crate::registry::Registry;
 use crate::store::{MigrationError, MigrationStatus, Store, StoreError, embedded_migrations};
-use crate::worker::{Worker, WorkerConfig, WorkerError};
+use crate::worker::{Worker, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -37,8 +37,6 @@ pub enum AppError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Mcp(#[from] McpCallError),
-    #[error(transparent)]
-    Worker(#[from] WorkerError),
     #[error(transparent)]
     Refresher(#[from] RefresherError),
     #[error("the HTTP API failed: {0}")]
@@ -60,7 +58,7 @@ impl Roles {
 }
 
 pub struct App {
-    broker: Arc<Broker>,
+    broker: Broker,
     worker: Option<(Arc<Worker>, Jobs)>,
     refresher: Option<(Arc<Refresher>, Jobs)>,
     api: Option<(tokio::net::TcpListener, Arc<ApiState>)>,
@@ -72,9 +70,8 @@ impl App {
         let registry = Arc::new(Registry::from_settings(&settings.mcp)?);
         let store = Store::connect(&settings.mongodb).await?;
         store.ping().await?;
-        let broker = Arc::new(Broker::connect(&settings.amqp.url, "mcp-worker").await?);
-        broker.declare(&topology(settings)).await?;
-        let publisher = broker.publisher().await?;
+        let broker = Broker::connect(&settings.amqp.url, "mcp-worker", Some(topology(settings))).await?;
+        let publisher = broker.publisher();
         let events = Events::new(publisher.clone(), settings.amqp.events_exchange.clone());
         let http = reqwest::Client::builder()
             .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
@@ -114,9 +111,11 @@ impl App {
                 results_ttl: Duration::from_secs(settings.worker.results_ttl_secs),
                 retries: settings
                     .worker
-                    .retry_delays_ms
-                    .iter()
-                    .map(|ms| (settings.amqp.retry_queue(*ms), Duration::from_millis(*ms)))
+                    .retry_delays()
+                    .into_iter()
+                    .map(|level| {
+                        level.into_iter().map(|ms| (settings.amqp.retry_queue(ms), Duration::from_millis(ms))).collect()
+                    })
                     .collect(),
             };
             let worker = Worker::new(config, registry.clone(), store.clone(), cipher.clone(), mcp, publisher.clone());
@@ -189,13 +188,23 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let stop = shutdown.child_token();
         let mut parts = tokio::task::JoinSet::new();
+        // The supervisor outlives the roles: replies still being published during the grace
+        // period may need the connection back.
+        let supervision = CancellationToken::new();
+        let supervisor = tokio::spawn({
+            let (broker, supervision) = (self.broker.clone(), supervision.clone());
+            async move { broker.supervise(supervision).await }
+        });
         if let Some((worker, jobs)) = self.worker {
-            let stop = stop.clone();
-            parts.spawn(async move { worker.run(jobs, stop).await.map_err(AppError::from) });
+            let (stop, broker) = (stop.clone(), self.broker.clone());
+            parts.spawn(async move {
+                worker.run(broker, jobs, stop).await;
+                Ok(())
+            });
         }
         if let Some((refresher, requests)) = self.refresher {
-            let stop = stop.clone();
-            parts.spawn(async move { refresher.run(requests, stop).await.map_err(AppError::from) });
+            let (stop, broker) = (stop.clone(), self.broker.clone());
+            parts.spawn(async move { refresher.run(broker, requests, stop).await.map_err(AppError::from) });
         }
         if let Some((listener, state)) = self.api {
             let stop = stop.clone();
@@ -212,6 +221,8 @@ impl App {
                 }
             }
         }
+        supervision.cancel();
+        let _ = supervisor.await;
         self.broker.close().await;
         tracing::info!("mcp-worker stopped");
         result
@@ -225,7 +236,12 @@ pub fn topology(settings: &Settings) -> Topology {
         delivery_limit: settings.amqp.delivery_limit,
         delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
         delay_ms: settings.tokens.defer_ms,
-        retry_queues: settings.worker.retry_delays_ms.iter().map(|ms| (settings.amqp.retry_queue(*ms), *ms)).collect(),
+        retry_queues: {
+            let mut delays: Vec<u64> = settings.worker.retry_delays().into_iter().flatten().collect();
+            delays.sort_unstable();
+            delays.dedup();
+            delays.into_iter().map(|ms| (settings.amqp.retry_queue(ms), ms)).collect()
+        },
         refresh_queue: settings.amqp.refresh_queue.clone(),
         events_exchange: settings.amqp.events_exchange.clone(),
     }

@@ -169,6 +169,23 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     pub results_ttl_secs: u64,
     pub retry_delays_ms: Vec<u64>,
+    pub retry_jitter_percent: u64,
+}
+
+impl WorkerSettings {
+    /// For each retry, the delays (ms) it may wait, one of which is picked at random: the
+    /// configured delay, and `retry_jitter_percent` less and more.
+    pub fn retry_delays(&self) -> Vec<Vec<u64>> {
+        self.retry_delays_ms
+            .iter()
+            .map(|&ms| {
+                let spread = ms * self.retry_jitter_percent / 100;
+                let mut delays = vec![ms - spread, ms, ms + spread];
+                delays.dedup();
+                delays
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +319,9 @@ impl Settings {
         if self.worker.retry_delays_ms.len() > 10 || self.worker.retry_delays_ms.contains(&0) {
             return Err(invalid("worker.retry_delays_ms", "must hold at most 10 delays of at least 1 ms"));
         }
+        if self.worker.retry_jitter_percent > 50 {
+            return Err(invalid("worker.retry_jitter_percent", "must be between 0 and 50"));
+        }
         if self.worker.max_job_bytes < 256 {
             return Err(invalid("worker.max_job_bytes", "must be at least 256"));
         }
@@ -388,6 +408,13 @@ mod tests {
         assert_eq!(settings.amqp.jobs_queue, "mcp.tool_calls");
         let qlik = &settings.mcp.servers["qlik"];
         assert_eq!(qlik.auth.as_ref().unwrap().header, "X-Qlik-Access-Token");
+    }
+
+    #[test]
+    fn each_retry_may_wait_its_delay_or_the_jittered_ones() {
+        let settings = with("worker.retry_delays_ms", [1000, 1]).unwrap();
+        assert_eq!(settings.worker.retry_delays(), vec![vec![800, 1000, 1200], vec![1]]);
+        assert!(with("worker.retry_jitter_percent", 51).unwrap_err().to_string().contains("retry_jitter_percent"));
     }
 
     #[test]

@@ -167,7 +167,7 @@ async fn call(settings: &Settings, user: String, tool: String, args: &str, wait:
     }
     let job_id = uuid::Uuid::new_v4().to_string();
     let job = serde_json::json!({ "job_id": job_id, "user_id": user, "tool": tool, "arguments": arguments });
-    let broker = Broker::connect(&settings.amqp.url, "mcp-worker call").await?;
+    let broker = Broker::connect(&settings.amqp.url, "mcp-worker call", None).await?;
     let reply = broker
         .request(&settings.amqp.jobs_queue, &job_id, &serde_json::to_vec(&job)?, Duration::from_secs(wait))
         .await?;

@@ -31,7 +31,7 @@ pub struct ApiState {
     pub cipher: Arc<TokenCipher>,
     pub oauth: HashMap<Provider, Arc<OAuthClient>>,
     pub events: Events,
-    pub broker: Arc<Broker>,
+    pub broker: Broker,
     pub service_key: Secret<String>,
     pub default_return_to: String,
     pub return_to_allowlist: Vec<reqwest::Url>,

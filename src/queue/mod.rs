@@ -1,22 +1,21 @@
 //! RabbitMQ: the only module that imports `lapin`.
 //!
-//! [`Broker`] owns one AMQP connection. From it come the job stream ([`Jobs`], manual acks,
-//! bounded prefetch) and the [`Publisher`] (a channel in confirm mode). Everyone else sees
-//! [`Delivery`] and plain strings, never an AMQP type.
+//! [`Broker`] owns the AMQP connection and gets it back when it is lost. From it come the job
+//! stream ([`Jobs`], manual acks, bounded prefetch) and the [`Publisher`] (a channel in confirm
+//! mode). Everyone else sees [`Delivery`] and plain strings, never an AMQP type.
 
+mod broker;
 mod publisher;
 mod request;
 mod topology;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 
-pub use publisher::{ATTEMPTS_HEADER, DEFERRALS_HEADER, Published, Publisher, REASON_HEADER};
+pub use broker::Broker;
+pub use publisher::{ATTEMPTS_HEADER, CLAIM_HEADER, DEFERRALS_HEADER, Published, Publisher, REASON_HEADER, Return};
 pub use topology::Topology;
-
-use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -28,6 +27,8 @@ pub enum QueueError {
     Channel(String),
     #[error("RabbitMQ did not confirm the publish (nack)")]
     Nacked,
+    #[error("the RabbitMQ connection was lost and did not come back in time")]
+    Disconnected,
 }
 
 impl From<lapin::Error> for QueueError {
@@ -36,57 +37,14 @@ impl From<lapin::Error> for QueueError {
     }
 }
 
-pub struct Broker {
-    connection: Connection,
-}
-
-impl Broker {
-    #[tracing::instrument(skip_all)]
-    pub async fn connect(url: &Secret<String>, name: &str) -> Result<Self, QueueError> {
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        // lapin's error text does not contain the URL, so the password cannot leak through it.
-        let connection =
-            Connection::connect(url.expose(), properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
-        Ok(Self { connection })
-    }
-
-    /// Declares the queues the worker needs; safe to repeat, fails if they exist with other settings.
-    pub async fn declare(&self, topology: &Topology) -> Result<(), QueueError> {
-        let channel = self.connection.create_channel().await?;
-        topology.declare(&channel).await?;
-        channel.close(200, "declared".into()).await?;
-        Ok(())
-    }
-
-    /// Starts consuming `queue` with at most `prefetch` unacknowledged deliveries.
-    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Jobs, QueueError> {
-        let channel = self.connection.create_channel().await?;
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = channel
-            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
-        Ok(Jobs { channel, consumer })
-    }
-
-    pub async fn publisher(&self) -> Result<Publisher, QueueError> {
-        Publisher::open(&self.connection).await
-    }
-
-    /// Whether the AMQP connection is up, for readiness.
-    pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
-    }
-
-    pub async fn close(&self) {
-        // Closing fails only when the connection is already gone, which is what we want anyway.
-        let _ = self.connection.close(200, "shutting down".into()).await;
-    }
-}
-
 /// The stream of job deliveries from one consumer.
 pub struct Jobs {
     channel: Channel,
     consumer: lapin::Consumer,
+    /// The link it came from, and what it consumes: [`Broker::resume`] consumes it again.
+    generation: u64,
+    queue: String,
+    prefetch: u16,
 }
 
 impl Jobs {
@@ -114,6 +72,8 @@ pub struct Delivery {
     pub deferrals: u32,
     /// How many times the worker already retried this job after a transient MCP failure.
     pub retries: u32,
+    /// The job claim this delivery took back from the delay queue, if it held one.
+    pub claim: Option<String>,
     inner: lapin::message::Delivery,
 }
 
@@ -129,6 +89,7 @@ impl From<lapin::message::Delivery> for Delivery {
             redelivered: inner.redelivered,
             deferrals: counter(props, DEFERRALS_HEADER),
             retries: counter(props, ATTEMPTS_HEADER),
+            claim: text_header(props, CLAIM_HEADER),
             body: std::mem::take(&mut inner.data),
             inner,
         }
@@ -150,6 +111,16 @@ impl Delivery {
 
     pub(crate) fn properties(&self) -> &lapin::BasicProperties {
         &self.inner.properties
+    }
+}
+
+/// A text header of ours, `None` when absent or not text.
+fn text_header(properties: &lapin::BasicProperties, header: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match properties.headers().as_ref()?.inner().get(header)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
     }
 }
 

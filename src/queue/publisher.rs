@@ -1,10 +1,22 @@
 //! Publishing with publisher confirms: a publish is done when the broker says it has the message.
+//!
+//! Every publish goes through the broker's current link. A reply whose confirm was lost with
+//! the connection is published again once the link is back (within [`RESEND_WINDOW`]): the
+//! caller may then get the same reply twice, never none. Other messages are not resent: the
+//! job they were derived from cannot be acked on a lost link, so it comes back anyway.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Confirmation};
 
+use super::broker::Shared;
 use super::{Delivery, QueueError};
+
+/// How long a reply waits for a lost connection to come back before it is given up.
+const RESEND_WINDOW: Duration = Duration::from_secs(30);
 
 /// Header naming why the worker dead-lettered a message.
 pub const REASON_HEADER: &str = "x-mcp-worker-reason";
@@ -14,6 +26,18 @@ pub const DEFERRALS_HEADER: &str = "x-mcp-deferrals";
 
 /// Header counting how many times a job was retried after a transient MCP failure.
 pub const ATTEMPTS_HEADER: &str = "x-mcp-retries";
+
+/// Header naming the job claim a delayed job still holds, so that it can take it back.
+pub const CLAIM_HEADER: &str = "x-mcp-claim";
+
+/// What a job sent to a delay queue carries back to the jobs queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Return {
+    pub deferrals: u32,
+    pub retries: u32,
+    /// The owner of the job's claim, if this delivery held one.
+    pub claim: Option<String>,
+}
 
 /// Reply-to names of RabbitMQ's direct reply-to feature start with this.
 const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
@@ -30,16 +54,21 @@ pub enum Published {
     Unroutable,
 }
 
+/// Whether a publish whose connection was lost is tried again on the next link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    Yes,
+    No,
+}
+
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    shared: Arc<Shared>,
 }
 
 impl Publisher {
-    pub(super) async fn open(connection: &Connection) -> Result<Self, QueueError> {
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Self { channel })
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
     }
 
     /// Publishes a reply to `queue` through the default exchange and waits for the confirm.
@@ -50,7 +79,7 @@ impl Publisher {
         if let Some(correlation_id) = correlation_id {
             properties = properties.with_correlation_id(correlation_id.into());
         }
-        self.publish(queue, body, properties).await
+        self.publish(queue, body, properties, Resend::Yes).await
     }
 
     /// Publishes a copy of `delivery` to `queue` with the reason in [`REASON_HEADER`], and waits
@@ -61,25 +90,24 @@ impl Publisher {
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
-        self.publish(queue, &delivery.body, properties).await
+        self.publish(queue, &delivery.body, properties, Resend::No).await
     }
 
-    /// Puts a copy of `delivery` in the delay `queue` with its deferral and retry counts, and waits
-    /// for the confirm. The delay queue sends it back to the jobs queue when its TTL runs out.
+    /// Puts a copy of `delivery` in the delay `queue` with what it carries back, and waits for the
+    /// confirm. The delay queue sends it back to the jobs queue when its TTL runs out.
     #[tracing::instrument(skip_all)]
-    pub async fn delay(
-        &self,
-        queue: &str,
-        delivery: &Delivery,
-        deferrals: u32,
-        retries: u32,
-    ) -> Result<Published, QueueError> {
+    pub async fn delay(&self, queue: &str, delivery: &Delivery, carry: &Return) -> Result<Published, QueueError> {
         let original = delivery.properties();
-        let mut headers = original.headers().clone().unwrap_or_default();
-        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(deferrals));
-        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(retries));
+        let mut headers = original.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default();
+        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(carry.deferrals));
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(carry.retries));
+        match &carry.claim {
+            Some(claim) => headers.insert(CLAIM_HEADER.into(), AMQPValue::LongString(claim.as_str().into())),
+            None => headers.remove(CLAIM_HEADER),
+        };
+        let headers = lapin::types::FieldTable::from(headers);
         let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
-        self.publish(queue, &delivery.body, properties).await
+        self.publish(queue, &delivery.body, properties, Resend::No).await
     }
 
     /// Publishes a persistent JSON message to `queue` and waits for the confirm.
@@ -87,7 +115,7 @@ impl Publisher {
     pub async fn send(&self, queue: &str, body: &[u8]) -> Result<Published, QueueError> {
         let properties =
             BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
-        self.publish(queue, body, properties).await
+        self.publish(queue, body, properties, Resend::No).await
     }
 
     /// Publishes a persistent JSON event to a topic exchange and waits for the confirm. An event
@@ -96,8 +124,8 @@ impl Publisher {
     pub async fn event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), QueueError> {
         let properties =
             BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
-        let confirm = self
-            .channel
+        let channel = self.shared.link().publisher;
+        let confirm = channel
             .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
             .await?
             .await?;
@@ -107,13 +135,39 @@ impl Publisher {
         }
     }
 
-    async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<Published, QueueError> {
+    async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        resend: Resend,
+    ) -> Result<Published, QueueError> {
+        let link = self.shared.link();
+        match self.publish_on(&link.publisher, queue, body, properties.clone()).await {
+            Err(QueueError::Channel(e)) if resend == Resend::Yes => {
+                tracing::warn!(error = %e, "publish not confirmed; sending it again once reconnected");
+                if !self.shared.newer_than(link.generation, RESEND_WINDOW).await {
+                    return Err(QueueError::Disconnected);
+                }
+                self.publish_on(&self.shared.link().publisher, queue, body, properties).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &lapin::Channel,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Published, QueueError> {
         // `mandatory` makes the broker return a message no queue takes, so a vanished reply queue
         // is noticed. Direct reply-to names are not queues: the broker returns those as
         // unroutable even when it delivers them, so they are published without it.
         let mandatory = !queue.starts_with(DIRECT_REPLY_TO_PREFIX);
         let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
-        let confirm = self.channel.basic_publish("".into(), queue.into(), options, body, properties).await?.await?;
+        let confirm = channel.basic_publish("".into(), queue.into(), options, body, properties).await?.await?;
         match confirm {
             Confirmation::Ack(None) => Ok(Published::Delivered),
             Confirmation::Ack(Some(_returned)) => Ok(Published::Unroutable),

@@ -22,7 +22,7 @@ impl Broker {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Option<Vec<u8>>, QueueError> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.connection().create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         // Direct reply-to requires consuming (with auto-ack) before publishing on the same channel.
         let mut replies = channel

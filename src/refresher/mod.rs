@@ -32,7 +32,7 @@ use rate::RateLimiter;
 use crate::events::Events;
 use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::oauth::{FailureKind, OAuthClient};
-use crate::queue::Jobs;
+use crate::queue::{Broker, Jobs};
 use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
 
 #[derive(Debug, Clone)]
@@ -86,7 +86,12 @@ impl Refresher {
 
     /// Scans on a schedule and serves refresh requests until `shutdown`; refreshes in flight
     /// finish first (each is bounded by the provider request timeout).
-    pub async fn run(self: Arc<Self>, requests: Jobs, shutdown: CancellationToken) -> Result<(), RefresherError> {
+    pub async fn run(
+        self: Arc<Self>,
+        broker: Broker,
+        requests: Jobs,
+        shutdown: CancellationToken,
+    ) -> Result<(), RefresherError> {
         let scanning = Arc::new(tokio::sync::Mutex::new(()));
         let scheduler = JobScheduler::new().await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
         let refresher = self.clone();
@@ -105,11 +110,11 @@ impl Refresher {
         // Catch up at start rather than waiting a whole interval.
         let first = tokio::spawn(self.clone().scan_and_log_owned());
 
-        let result = self.serve_requests(requests, &shutdown).await;
+        self.serve_requests(&broker, requests, &shutdown).await;
         let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
         let _ = first.await;
-        result
+        Ok(())
     }
 
     async fn scan_and_log_owned(self: Arc<Self>) {
@@ -143,17 +148,25 @@ impl Refresher {
         Ok(count)
     }
 
-    /// Takes worker requests off the refresh queue until shutdown.
-    async fn serve_requests(&self, mut requests: Jobs, shutdown: &CancellationToken) -> Result<(), RefresherError> {
+    /// Takes worker requests off the refresh queue until shutdown; a lost consumer is resumed
+    /// on the broker's next link.
+    async fn serve_requests(&self, broker: &Broker, mut requests: Jobs, shutdown: &CancellationToken) {
         loop {
             let delivery = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return,
                 delivery = requests.next() => delivery,
             };
             let delivery = match delivery {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => return Err(RefresherError::Requests(e.to_string())),
-                None => return Err(RefresherError::Requests("the broker cancelled the consumer".into())),
+                lost => {
+                    let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
+                    tracing::warn!(reason, "lost the refresh request consumer; resuming once RabbitMQ is back");
+                    match broker.resume(&requests, shutdown).await {
+                        Some(resumed) => requests = resumed,
+                        None => return,
+                    }
+                    continue;
+                }
             };
             match serde_json::from_slice::<RefreshRequest>(&delivery.body) {
                 Ok(request) if request.provider == self.oauth.provider() => {
@@ -165,8 +178,9 @@ impl Refresher {
                 Err(e) => tracing::warn!(error = %e, "unreadable refresh request dropped"),
             }
             // The request is advisory: the scan covers anything lost here, so it is acked always.
+            // An ack that fails on a lost channel is noticed by the next `requests.next()`.
             if let Err(e) = delivery.ack().await {
-                return Err(RefresherError::Requests(e.to_string()));
+                tracing::debug!(error = %e, "could not ack a refresh request");
             }
         }
     }
@@ -257,6 +271,4 @@ impl Refresher {
 pub enum RefresherError {
     #[error("the refresh scheduler failed: {0}")]
     Scheduler(String),
-    #[error("the refresh request consumer stopped: {0}")]
-    Requests(String),
 }

@@ -3,7 +3,8 @@
 //! One document per `job_id`. A consumer first *claims* the job (owner + lease); once the tool has
 //! run, it stores the reply there *before* publishing it. A delivery of a job that already has a
 //! reply gets that reply again and the MCP server is not called; a delivery of a job another live
-//! consumer holds waits. A claim whose lease ran out (its consumer died mid-call) can be taken
+//! consumer holds waits. A job that goes to a delay queue (a retry, a wait for its token) keeps
+//! its claim and takes it back when it returns, so no copy of it can run in between. A claim whose lease ran out (its consumer died mid-call) can be taken
 //! over. Documents expire after `worker.results_ttl_secs` (TTL index), which bounds how late a
 //! duplicate is still recognised.
 
@@ -39,9 +40,10 @@ impl ResultStore {
         Self { collection: db.collection(COLLECTION) }
     }
 
-    /// Claims `job_id` for `owner` until `lease_until`, unless it has a reply or a live claim.
-    /// `owner` names one delivery, not a process: two deliveries of the same job in one process
-    /// must not both run it.
+    /// Claims `job_id` for `owner` until `lease_until`, unless it has a reply or someone else's
+    /// live claim. `owner` names one delivery, not a process: two deliveries of the same job in
+    /// one process must not both run it. A job back from a delay queue presents the owner it
+    /// had, and so takes its own claim back even while the lease runs.
     #[tracing::instrument(skip_all)]
     pub async fn claim(
         &self,
@@ -54,7 +56,7 @@ impl ResultStore {
         let filter = doc! {
             "_id": job_id,
             "reply": { "$exists": false },
-            "lease_until": { "$lte": bson_date(now) },
+            "$or": [{ "lease_until": { "$lte": bson_date(now) } }, { "owner": owner }],
         };
         let update = doc! {
             "$set": { "owner": owner, "lease_until": bson_date(lease_until) },
@@ -90,13 +92,6 @@ impl ResultStore {
                 doc! { "$set": { "reply": reply }, "$unset": { "lease_until": "" } },
             )
             .await?;
-        Ok(())
-    }
-
-    /// Gives up a claim without a reply (the job waits for its token), so its return can run.
-    #[tracing::instrument(skip_all)]
-    pub async fn release(&self, job_id: &str, owner: &str) -> Result<(), StoreError> {
-        self.collection.delete_one(doc! { "_id": job_id, "owner": owner, "reply": { "$exists": false } }).await?;
         Ok(())
     }
 }

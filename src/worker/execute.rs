@@ -12,7 +12,7 @@ use crate::job::{self, ErrorCode, InvalidJob, Job, Reply};
 use crate::provider::Provider;
 use crate::queue::Delivery;
 use crate::registry::{CredentialHeader, ServerSpec};
-use crate::store::{Claim, ResultStore, StoreError, TokenStatus};
+use crate::store::{Claim, StoreError, TokenStatus};
 
 /// What to do with one delivery.
 #[derive(Debug)]
@@ -23,17 +23,18 @@ pub(super) enum Disposition {
     /// The job already ran: publish its stored reply again, then ack.
     Replay { to: ReplyTarget, body: Vec<u8> },
     /// The MCP server was unavailable: put the job in the `level`-th retry queue, then ack; it runs
-    /// again after that queue's delay.
-    Retry { level: usize },
-    /// Another consumer is running this job id, or the result store is unreachable: put the job
-    /// in the delay queue (not counted as a deferral), then ack; it comes back later.
-    Wait,
+    /// again after that queue's delay, taking back its `claim`.
+    Retry { level: usize, claim: String },
+    /// Another consumer is running this job id, or the database is unreachable: put the job in the
+    /// delay queue (not counted as a deferral), then ack; it comes back later, with the claim this
+    /// delivery may hold.
+    Wait { claim: Option<String> },
     /// Publish `reply` if there is a target, copy the message to the dead-letter queue with
     /// `reason`, then ack.
     DeadLetter { reason: String, to: Option<ReplyTarget>, reply: Reply },
     /// Put the job in the delay queue (its `deferrals`-th wait), then ack; it comes back when
-    /// the refresher has had time to renew the user's token.
-    Defer { deferrals: u32, refresh: RefreshNeeded },
+    /// the refresher has had time to renew the user's token, and takes back its `claim`.
+    Defer { deferrals: u32, refresh: RefreshNeeded, claim: String },
 }
 
 /// Which claim a reply completes.
@@ -56,7 +57,7 @@ impl Disposition {
             Disposition::Reply { reply, .. } | Disposition::DeadLetter { reply, .. } => reply.outcome(),
             Disposition::Replay { .. } => "duplicate",
             Disposition::Retry { .. } => "retrying",
-            Disposition::Wait => "waiting",
+            Disposition::Wait { .. } => "waiting",
             Disposition::Defer { .. } => "deferred",
         }
     }
@@ -75,6 +76,17 @@ enum Credential {
     Header(Option<CredentialHeader>),
     Refresh(RefreshNeeded),
     Refused(Reply),
+    /// The token store could not be reached.
+    Unavailable,
+}
+
+/// How running a valid job went.
+enum Ran {
+    Reply(Reply),
+    /// It must wait for the user's token to be refreshed.
+    Refresh(RefreshNeeded),
+    /// The token store could not be reached; nothing was called.
+    StoreUnavailable,
 }
 
 impl Worker {
@@ -91,39 +103,43 @@ impl Worker {
         let to =
             ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
         let results = self.store.results();
-        let owner = format!("{}/{}", self.config.owner, uuid::Uuid::new_v4().simple());
+        // A job back from a delay queue presents the claim it held; a new delivery gets a new one.
+        let owner = delivery
+            .claim
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", self.config.owner, uuid::Uuid::new_v4().simple()));
         let lease_until = now + chrono::Duration::from_std(self.config.claim_lease).unwrap_or(chrono::Duration::MAX);
         let expires_at = now + chrono::Duration::from_std(self.config.results_ttl).unwrap_or(chrono::Duration::MAX);
         let disposition = match results.claim(&job.job_id, &owner, now, lease_until, expires_at).await {
             Ok(Claim::Done(body)) => Disposition::Replay { to, body },
-            Ok(Claim::Busy) => Disposition::Wait,
+            Ok(Claim::Busy) => wait_unless_late(&job, to, now, None),
             Err(e) => {
                 tracing::warn!(error = %e, "the result store is unreachable; the job waits");
-                Disposition::Wait
+                // The claim may have been written before the error: the job keeps its owner.
+                wait_unless_late(&job, to, now, Some(owner))
             }
             Ok(Claim::Run) => match self.execute(&job, now).await {
-                Ok(reply) => {
-                    let delays = self.config.retries.iter().map(|(_, delay)| *delay);
+                Ran::Reply(reply) => {
+                    // The longest of a retry's delays decides whether it fits before the deadline.
+                    let delays =
+                        self.config.retries.iter().map(|level| level.iter().map(|(_, d)| *d).max().unwrap_or_default());
                     match policy::retry_level(reply.error_code(), delivery.retries, delays, Utc::now(), job.deadline) {
                         Some(level) => {
-                            // Not answered: the retry claims the job afresh.
-                            release(&results, &job.job_id, &owner).await;
                             tracing::info!(
                                 retry = delivery.retries + 1,
                                 "the MCP server is unavailable; retrying later"
                             );
-                            Disposition::Retry { level }
+                            Disposition::Retry { level, claim: owner }
                         }
                         None => {
                             Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone(), owner }) }
                         }
                     }
                 }
-                Err(refresh) => {
-                    // Not run: the job's return claims it afresh.
-                    release(&results, &job.job_id, &owner).await;
+                Ran::StoreUnavailable => wait_unless_late(&job, to, Utc::now(), Some(owner)),
+                Ran::Refresh(refresh) => {
                     if delivery.deferrals < self.config.max_deferrals {
-                        Disposition::Defer { deferrals: delivery.deferrals + 1, refresh }
+                        Disposition::Defer { deferrals: delivery.deferrals + 1, refresh, claim: owner }
                     } else {
                         let provider = refresh.provider;
                         let message =
@@ -138,32 +154,29 @@ impl Worker {
         (Some(job), disposition)
     }
 
-    /// Runs a valid job and says how it went: a reply, or `Err` when the job must wait for the
-    /// user's token to be refreshed.
-    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Result<Reply, RefreshNeeded> {
+    /// Runs a valid job and says how it went.
+    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Ran {
         let id = Some(job.job_id.as_str());
         let Some(server) = self.registry.route(&job.tool) else {
-            return Ok(Reply::error(
-                id,
-                ErrorCode::UnknownTool,
-                format!("no MCP server serves the tool `{}`", job.tool),
-            ));
+            let message = format!("no MCP server serves the tool `{}`", job.tool);
+            return Ran::Reply(Reply::error(id, ErrorCode::UnknownTool, message));
         };
         let Ok(budget) = policy::call_budget(now, job.deadline, self.config.call_timeout) else {
-            return Ok(deadline_exceeded(job));
+            return Ran::Reply(deadline_exceeded(job));
         };
         let credential = match self.credential(server, job, now, budget.timeout).await {
             Credential::Header(header) => header,
-            Credential::Refresh(needed) => return Err(needed),
-            Credential::Refused(reply) => return Ok(reply),
+            Credential::Refresh(needed) => return Ran::Refresh(needed),
+            Credential::Refused(reply) => return Ran::Reply(reply),
+            Credential::Unavailable => return Ran::StoreUnavailable,
         };
         // The token lookup took time; what is left of the deadline is measured again.
         let budget = match policy::call_budget(Utc::now(), job.deadline, self.config.call_timeout) {
             Ok(budget) => budget,
-            Err(DeadlinePassed) => return Ok(deadline_exceeded(job)),
+            Err(DeadlinePassed) => return Ran::Reply(deadline_exceeded(job)),
         };
         let client = self.mcp.get(&server.name).expect("every routed server has a client");
-        Ok(match client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await {
+        Ran::Reply(match client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await {
             Ok(result) => Reply::ok(&job.job_id, result),
             Err(e) => Reply::error(id, policy::error_code(&e, budget), e.to_string()),
         })
@@ -191,8 +204,8 @@ impl Worker {
                 );
             }
             Err(e) => {
-                tracing::warn!(error = %e, "token lookup failed");
-                return Credential::Refused(Reply::error(id, ErrorCode::Internal, "the token store is unavailable"));
+                tracing::warn!(error = %e, "token lookup failed; the job waits");
+                return Credential::Unavailable;
             }
         };
         let min_remaining = call + self.config.clock_skew;
@@ -218,10 +231,12 @@ impl Worker {
     }
 }
 
-/// Gives up a job claim; if that fails the claim simply lapses with its lease.
-async fn release(results: &ResultStore, job_id: &str, owner: &str) {
-    if let Err(e) = results.release(job_id, owner).await {
-        tracing::warn!(error = %e, "could not release a job claim; it lapses with its lease");
+/// A job that cannot go on yet waits in the delay queue, unless its deadline has passed: then
+/// waiting longer is pointless and it is answered `deadline_exceeded` at once.
+fn wait_unless_late(job: &Job, to: ReplyTarget, now: DateTime<Utc>, claim: Option<String>) -> Disposition {
+    match job.deadline {
+        Some(deadline) if deadline <= now => Disposition::Reply { to, reply: deadline_exceeded(job), record: None },
+        _ => Disposition::Wait { claim },
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::crypto::TokenCipher;
 use crate::mcp::McpClients;
 use crate::messages::RefreshRequest;
-use crate::queue::{Delivery, Jobs, Published, Publisher, QueueError};
+use crate::queue::{Broker, Delivery, Jobs, Published, Publisher, QueueError, Return};
 use crate::registry::Registry;
 use crate::store::Store;
 use execute::{Disposition, RefreshNeeded, ReplyTarget};
@@ -44,8 +44,9 @@ pub struct WorkerConfig {
     pub claim_lease: Duration,
     /// How long a job's result is kept to recognise redeliveries.
     pub results_ttl: Duration,
-    /// The retry delay queues, in order, with their delays.
-    pub retries: Vec<(String, Duration)>,
+    /// For each retry in turn, the delay queues it may wait in (one is picked at random, for
+    /// jitter), with their delays.
+    pub retries: Vec<Vec<(String, Duration)>>,
 }
 
 pub struct Worker {
@@ -55,12 +56,6 @@ pub struct Worker {
     cipher: Arc<TokenCipher>,
     mcp: Arc<McpClients>,
     publisher: Publisher,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("the job consumer stopped: {0}")]
-    ConsumerLost(String),
 }
 
 impl Worker {
@@ -76,20 +71,20 @@ impl Worker {
     }
 
     /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
-    /// grace period.
-    /// Returns an error if the broker ends the consumer first.
-    pub async fn run(self: Arc<Self>, mut jobs: Jobs, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    /// grace period. A lost consumer is resumed on the broker's next link; jobs in flight then
+    /// finish, but their deliveries can no longer be acked and come back (see [`Broker::resume`]).
+    pub async fn run(self: Arc<Self>, broker: Broker, mut jobs: Jobs, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut in_flight = JoinSet::new();
-        let result = loop {
+        loop {
             // Hold a slot before taking a delivery, so at most `concurrency` jobs run at once and
             // the rest wait in the broker (within prefetch) rather than in this process.
             let slot = tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = shutdown.cancelled() => break,
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             };
             let delivery = tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = shutdown.cancelled() => break,
                 delivery = jobs.next() => delivery,
             };
             match delivery {
@@ -100,12 +95,19 @@ impl Worker {
                         drop(slot);
                     });
                 }
-                Some(Err(e)) => break Err(WorkerError::ConsumerLost(e.to_string())),
-                None => break Err(WorkerError::ConsumerLost("the broker cancelled the consumer".into())),
+                lost => {
+                    let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
+                    tracing::warn!(reason, "lost the job consumer; resuming once RabbitMQ is back");
+                    match broker.resume(&jobs, &shutdown).await {
+                        Some(resumed) => jobs = resumed,
+                        None => break,
+                    }
+                    tracing::info!("consuming jobs again");
+                }
             }
             // Reap finished tasks so the set does not grow with every job ever run.
             while in_flight.try_join_next().is_some() {}
-        };
+        }
         if let Err(e) = jobs.cancel().await {
             tracing::debug!(error = %e, "cancelling the consumer failed; the channel is already gone");
         }
@@ -119,7 +121,6 @@ impl Worker {
             in_flight.abort_all();
             while in_flight.join_next().await.is_some() {}
         }
-        result
     }
 
     /// Runs one delivery to its end: reply published and confirmed, then ack. If the reply cannot
@@ -164,12 +165,16 @@ impl Worker {
                 self.publish_reply(to, &body).await?
             }
             Disposition::Replay { to, body } => self.publish_reply(to, body).await?,
-            Disposition::Retry { level } => {
-                let (queue, _) = &self.config.retries[*level];
-                self.publisher.delay(queue, delivery, delivery.deferrals, delivery.retries + 1).await?;
+            Disposition::Retry { level, claim } => {
+                let choices = &self.config.retries[*level];
+                let (queue, _) = &choices[rand::random::<usize>() % choices.len()];
+                let carry =
+                    Return { deferrals: delivery.deferrals, retries: delivery.retries + 1, claim: Some(claim.clone()) };
+                self.publisher.delay(queue, delivery, &carry).await?;
             }
-            Disposition::Wait => {
-                self.publisher.delay(&self.config.delay_queue, delivery, delivery.deferrals, delivery.retries).await?;
+            Disposition::Wait { claim } => {
+                let carry = Return { deferrals: delivery.deferrals, retries: delivery.retries, claim: claim.clone() };
+                self.publisher.delay(&self.config.delay_queue, delivery, &carry).await?;
             }
             Disposition::DeadLetter { reason, to, reply } => {
                 tracing::warn!(reason = %reason, "dead-lettering the message");
@@ -178,9 +183,10 @@ impl Worker {
                 }
                 self.publisher.dead_letter(&self.config.dead_letter_queue, delivery, reason).await?;
             }
-            Disposition::Defer { deferrals, refresh } => {
+            Disposition::Defer { deferrals, refresh, claim } => {
                 self.request_refresh(refresh).await;
-                self.publisher.delay(&self.config.delay_queue, delivery, *deferrals, delivery.retries).await?;
+                let carry = Return { deferrals: *deferrals, retries: delivery.retries, claim: Some(claim.clone()) };
+                self.publisher.delay(&self.config.delay_queue, delivery, &carry).await?;
             }
         }
         delivery.ack().await

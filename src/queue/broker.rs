@@ -1,0 +1,239 @@
+//! The AMQP connection, and getting it back when it is lost.
+//!
+//! A [`Broker`] holds the current *link*: one connection, with the topology declared on it and a
+//! channel in confirm mode for publishing. [`Broker::supervise`] watches the link and, when the
+//! connection drops (broker restart, network, missed heartbeats), connects again with
+//! exponential backoff and jitter, declares the topology again, and bumps the link's generation.
+//! Consumers that lose their stream wait for a newer generation ([`Broker::recover`]) and consume
+//! again; publishers always use the current link.
+//!
+//! Deliveries taken on a lost link cannot be acked any more: the broker has already requeued
+//! them, and they come back on the new link. That is what keeps jobs from being lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Jobs, Publisher, QueueError, Topology};
+use crate::secret::Secret;
+
+/// How often the supervisor looks at the connection's state.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// The first and the largest wait between two connection attempts.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// One connection with the topology declared on it.
+#[derive(Clone)]
+pub(super) struct Link {
+    pub(super) connection: Arc<Connection>,
+    /// The channel publishes go through, in confirm mode.
+    pub(super) publisher: Channel,
+    /// Counts links: 0 for the first, +1 per reconnect.
+    pub(super) generation: u64,
+}
+
+impl Link {
+    fn is_up(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+pub(super) struct Shared {
+    url: Secret<String>,
+    name: String,
+    topology: Option<Topology>,
+    link: RwLock<Link>,
+    generation: watch::Sender<u64>,
+    reconnects: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn link(&self) -> Link {
+        self.link.read().expect("the link lock is never poisoned").clone()
+    }
+
+    /// Waits until a link newer than `generation` is up; `false` if none came within `within`.
+    pub(super) async fn newer_than(&self, generation: u64, within: Duration) -> bool {
+        let mut current = self.generation.subscribe();
+        tokio::time::timeout(within, current.wait_for(|g| *g > generation)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// A cheap handle on the shared connection.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Connects, declares `topology` if there is one, and opens the publishing channel. Fails at
+    /// once if the broker cannot be reached: at start a clear error beats waiting.
+    #[tracing::instrument(skip_all)]
+    pub async fn connect(url: &Secret<String>, name: &str, topology: Option<Topology>) -> Result<Self, QueueError> {
+        let link = establish(url, name, topology.as_ref(), 0).await?;
+        let shared = Shared {
+            url: url.clone(),
+            name: name.to_owned(),
+            topology,
+            link: RwLock::new(link),
+            generation: watch::Sender::new(0),
+            reconnects: AtomicU64::new(0),
+        };
+        Ok(Self { shared: Arc::new(shared) })
+    }
+
+    /// Starts consuming `queue` on the current link with at most `prefetch` unacknowledged
+    /// deliveries.
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Jobs, QueueError> {
+        let link = self.shared.link();
+        let channel = link.connection.create_channel().await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        Ok(Jobs { channel, consumer, generation: link.generation, queue: queue.to_owned(), prefetch })
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.shared.clone())
+    }
+
+    /// After `lost` ended (its channel or connection is gone): waits for a newer link and
+    /// consumes the same queue on it. `None` once `shutdown` fires first.
+    pub async fn resume(&self, lost: &Jobs, shutdown: &CancellationToken) -> Option<Jobs> {
+        let mut generation = lost.generation;
+        loop {
+            let link = self.shared.link();
+            if link.generation == generation && link.connection.status().connected() {
+                // The connection looks healthy, so only the channel was closed: closing the
+                // connection makes the supervisor build everything again, topology included.
+                let _ = link.connection.close(200, "a consumer channel was lost; reconnecting".into()).await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = self.shared.newer_than(generation, Duration::MAX) => {}
+            }
+            match self.consume(&lost.queue, lost.prefetch).await {
+                Ok(jobs) => return Some(jobs),
+                Err(e) => {
+                    tracing::warn!(error = %e, queue = %lost.queue, "cannot consume on the new link yet");
+                    generation = self.shared.link().generation;
+                }
+            }
+        }
+    }
+
+    /// Keeps the link up until `shutdown`: reconnects, with backoff, whenever it drops.
+    pub async fn supervise(&self, shutdown: CancellationToken) {
+        let mut watch = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = watch.tick() => {}
+            }
+            let lost = self.shared.link();
+            if lost.is_up() {
+                continue;
+            }
+            if lost.connection.status().connected() {
+                // Only the publishing channel died (the broker closes a channel on some errors):
+                // a fresh link is the simplest way to get every channel back in a known state.
+                let _ = lost.connection.close(200, "the publishing channel was lost; reconnecting".into()).await;
+            }
+            tracing::warn!("lost the RabbitMQ connection; reconnecting");
+            let mut attempt = 0;
+            let link = loop {
+                let generation = lost.generation + 1;
+                match establish(&self.shared.url, &self.shared.name, self.shared.topology.as_ref(), generation).await {
+                    Ok(link) => break link,
+                    Err(e) => {
+                        let delay = reconnect_delay(attempt, rand::random());
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "reconnect failed");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            };
+            let generation = link.generation;
+            *self.shared.link.write().expect("the link lock is never poisoned") = link;
+            self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.shared.generation.send_replace(generation);
+            tracing::info!(generation, "reconnected to RabbitMQ; topology declared again");
+        }
+    }
+
+    /// Whether the current link is up (and so its topology declared), for readiness.
+    pub fn is_connected(&self) -> bool {
+        self.shared.link().is_up()
+    }
+
+    /// How many times the connection was re-established since start.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    pub async fn close(&self) {
+        // Closing fails only when the connection is already gone, which is what we want anyway.
+        let _ = self.shared.link().connection.close(200, "shutting down".into()).await;
+    }
+
+    pub(super) fn connection(&self) -> Arc<Connection> {
+        self.shared.link().connection
+    }
+}
+
+async fn establish(
+    url: &Secret<String>,
+    name: &str,
+    topology: Option<&Topology>,
+    generation: u64,
+) -> Result<Link, QueueError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    // lapin's error text does not contain the URL, so the password cannot leak through it.
+    let connection =
+        Connection::connect(url.expose(), properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
+    if let Some(topology) = topology {
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await?;
+        channel.close(200, "declared".into()).await?;
+    }
+    let publisher = connection.create_channel().await?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(Link { connection: Arc::new(connection), publisher, generation })
+}
+
+/// The wait before reconnect attempt `attempt` (0-based): exponential from [`BACKOFF_FIRST`],
+/// capped at [`BACKOFF_MAX`], with full jitter from `random` so that many workers losing one
+/// broker do not all knock at the same instant.
+fn reconnect_delay(attempt: u32, random: f64) -> Duration {
+    let ceiling = BACKOFF_FIRST.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(BACKOFF_MAX);
+    ceiling.mul_f64(random.clamp(0.0, 1.0)).max(Duration::from_millis(50))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_grow_then_stay_capped() {
+        assert_eq!(reconnect_delay(0, 1.0), BACKOFF_FIRST);
+        assert_eq!(reconnect_delay(1, 1.0), BACKOFF_FIRST * 2);
+        assert_eq!(reconnect_delay(30, 1.0), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn jitter_spreads_the_delay_but_never_to_zero() {
+        assert_eq!(reconnect_delay(10, 0.5), BACKOFF_MAX / 2);
+        assert_eq!(reconnect_delay(10, 0.0), Duration::from_millis(50));
+    }
+}
