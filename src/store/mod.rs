@@ -71,7 +71,8 @@ impl Store {
         let mut options = ClientOptions::parse(settings.uri.expose())
             .await
             .map_err(|e| StoreError::InvalidUri(e.kind.to_string()))?;
-        options.app_name = Some("mcp-worker".to_owned());
+        // An `appName` in the URI wins, so replicas can be told apart in the server's logs.
+        options.app_name.get_or_insert_with(|| "mcp-worker".to_owned());
         options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
         let client = Client::with_options(options).map_err(|e| StoreError::InvalidUri(e.kind.to_string()))?;
         Ok(Self { db: client.database(&settings.database) })

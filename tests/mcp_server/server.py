@@ -8,6 +8,26 @@ and 2.x (`mcp==2.3.0`, MCPServer); the SDK generation is detected by import.
 
 MCP is served at `/mcp`, stateless. Every HTTP request is appended to FILE as
 one JSON line (flushed at once) before the SDK handles it.
+
+Tools: `qlik_whoami`, `echo(text)`, `qlik_fail` (isError: true), `count_job(job_id)`
+("ok"), `sleep(seconds)` and `flaky(job_id, mode, times)` ("ok").
+
+`flaky` exercises the worker's retry policy. FaultMiddleware (inside the request
+log, so every attempt is still logged) counts the `tools/call` POSTs of `flaky`
+per `job_id` in memory (a restart resets the counts); attempts 1..=`times` get
+the transport fault named by `mode` instead of reaching the SDK, later attempts
+reach it and the tool answers "ok" (a large `times`, e.g. 1000, fails always):
+
+    "500"         HTTP 500, text/plain body.
+    "hang"        no response at all until the client disconnects.
+    "drop"        200 application/json whose Content-Length promises more than
+                  is sent: part of the body, then the server closes the TCP
+                  connection (the client sees a truncated body).
+    "broken_sse"  200 text/event-stream carrying one `message` event whose data
+                  is a truncated JSON-RPC response to the request's id, then a
+                  clean end of stream.
+
+Any other `mode` is not a fault: the call reaches the tool at once.
 """
 
 from __future__ import annotations
@@ -106,6 +126,15 @@ def build_server(args: argparse.Namespace) -> Any:
         await asyncio.sleep(seconds)
         return "slept"
 
+    @server.tool()
+    def flaky(job_id: str, mode: str, times: int) -> str:
+        """Return "ok" once the first `times` calls of `job_id` have failed with fault `mode`.
+
+        The faults ("500", "hang", "drop", "broken_sse") are injected by FaultMiddleware
+        before the SDK sees the request; only the calls that get through land here.
+        """
+        return "ok"
+
     if SDK_MAJOR >= 2:
         app = server.streamable_http_app(
             streamable_http_path="/mcp",
@@ -117,6 +146,32 @@ def build_server(args: argparse.Namespace) -> Any:
     else:
         app = server.streamable_http_app()
     return app
+
+
+async def _read_body(receive: Any) -> tuple[list[dict], bytes]:
+    """Read a request body to its end; return the messages read (to replay them) and the body."""
+    buffered: list[dict] = []
+    body = b""
+    while True:
+        message = await receive()
+        buffered.append(message)
+        if message["type"] != "http.request":
+            break  # e.g. http.disconnect
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    return buffered, body
+
+
+def _replaying(buffered: list[dict], receive: Any) -> Any:
+    """A `receive` that yields the already-read messages first, then the live ones."""
+
+    async def replay() -> dict:
+        if buffered:
+            return buffered.pop(0)
+        return await receive()
+
+    return replay
 
 
 class RequestLogMiddleware:
@@ -134,14 +189,7 @@ class RequestLogMiddleware:
         buffered: list[dict] = []
         body = b""
         if scope["method"] == "POST":
-            while True:
-                message = await receive()
-                buffered.append(message)
-                if message["type"] != "http.request":
-                    break  # e.g. http.disconnect
-                body += message.get("body", b"")
-                if not message.get("more_body", False):
-                    break
+            buffered, body = await _read_body(receive)
 
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope.get("headers", []):
@@ -175,12 +223,123 @@ class RequestLogMiddleware:
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
 
-        async def replay() -> dict:
-            if buffered:
-                return buffered.pop(0)
-            return await receive()
+        await self.app(scope, _replaying(buffered, receive), send)
 
-        await self.app(scope, replay, send)
+
+FAULT_MODES = ("500", "hang", "drop", "broken_sse")
+
+
+class FaultMiddleware:
+    """Pure ASGI middleware: fail the first `times` `flaky` calls of each job_id (see the module doc).
+
+    It sits between RequestLogMiddleware and the SDK app: every attempt is logged,
+    and a faulted attempt never reaches the SDK (no session, no tool run).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        # job_id -> `flaky` calls seen so far. One event loop and no await between
+        # read and write, so concurrent attempts cannot both take the same number.
+        self.attempts: dict[str, int] = {}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+
+        buffered, body = await _read_body(receive)
+        replay = _replaying(buffered, receive)
+        fault = self._fault(body)
+        if fault is None:
+            await self.app(scope, replay, send)
+            return
+
+        mode, request_id = fault
+        if mode == "500":
+            text = b"flaky: injected HTTP 500\n"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(text)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": text})
+        elif mode == "hang":
+            # Answer nothing; wait on receive() (not sleep) so a client that gives up
+            # ends this task: the body is fully read, so uvicorn's next message is
+            # http.disconnect. Only this request's task waits; the loop stays free.
+            while (await replay())["type"] != "http.disconnect":
+                pass
+            # Returning unanswered after a disconnect is silent in uvicorn. (A client
+            # still waiting at SIGTERM gets uvicorn's own 500 once the graceful
+            # shutdown timeout cancels this task.)
+        elif mode == "drop":
+            partial = b'{"jsonrpc": "2.0", "id": ' + json.dumps(request_id).encode() + b', "result": {"con'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(partial) + 1000).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": partial, "more_body": True})
+            # Return with the response incomplete: uvicorn then closes the transport
+            # (its queued bytes are flushed first, so the client gets the headers and
+            # the partial body, then EOF short of Content-Length) and logs one line,
+            # "ASGI callable returned without completing response." Raising would do
+            # the same but print a traceback per attempt into the test output.
+        else:  # "broken_sse"
+            # A well-framed event (the blank line dispatches it) whose data is a
+            # truncated response to this very request id, then a clean end of stream:
+            # the client matches the id only by parsing, which fails, and then EOF.
+            event = (
+                b"event: message\ndata: "
+                + b'{"jsonrpc": "2.0", "id": '
+                + json.dumps(request_id).encode()
+                + b', "result": {\n\n'
+            )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+                }
+            )
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _fault(self, body: bytes) -> tuple[str, Any] | None:
+        """Count a `flaky` tools/call; return (mode, request id) if this attempt is to fail."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict) or payload.get("method") != "tools/call":
+            return None
+        params = payload.get("params")
+        if not isinstance(params, dict) or params.get("name") != "flaky":
+            return None
+        arguments = params.get("arguments")
+        if not isinstance(arguments, dict):
+            return None
+        job_id, mode, times = arguments.get("job_id"), arguments.get("mode"), arguments.get("times")
+        # Malformed arguments pass through untouched and uncounted: the SDK answers
+        # its own validation error, which is what a test sending them wants to see.
+        if not isinstance(job_id, str) or not isinstance(times, int) or isinstance(times, bool):
+            return None
+        attempt = self.attempts.get(job_id, 0) + 1
+        self.attempts[job_id] = attempt
+        if mode not in FAULT_MODES or attempt > times:
+            return None
+        return mode, payload.get("id")
+
 
 
 def main() -> None:
@@ -200,7 +359,8 @@ def main() -> None:
     log_dir = os.path.dirname(os.path.abspath(args.log))
     os.makedirs(log_dir, exist_ok=True)
 
-    app = RequestLogMiddleware(build_server(args), args.log)
+    # FaultMiddleware inside the log: faulted `flaky` attempts are logged too.
+    app = RequestLogMiddleware(FaultMiddleware(build_server(args)), args.log)
     mode = "json" if args.json_response else "sse"
     print(
         f"mcp test server: sdk v{SDK_MAJOR}, {mode}, http://{args.host}:{args.port}/mcp, log {args.log}",

@@ -26,6 +26,11 @@ pub fn worker_env(settings: &Settings, extra: &[(&str, Value)]) -> Vec<(String, 
         if let Some(tools) = &server.tools {
             pairs.push((format!("mcp.servers.{name}.tools"), format!("[{}]", tools.join(", "))));
         }
+        if let Some(auth) = &server.auth {
+            pairs.push((format!("mcp.servers.{name}.auth.provider"), auth.provider.to_string()));
+            pairs.push((format!("mcp.servers.{name}.auth.header"), auth.header.clone()));
+            pairs.push((format!("mcp.servers.{name}.auth.value"), auth.value.clone()));
+        }
     }
     pairs.extend(
         extra

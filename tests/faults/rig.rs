@@ -1,0 +1,266 @@
+//! A test rig for fault scenarios: worker *processes* (so they can be killed) on the real broker
+//! and database, a durable reply queue that survives a broker restart, a client that reconnects
+//! to read it, and the logs of every process kept for the secrets check.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use mcp_worker::config::Settings;
+use serde_json::{Value, json};
+
+use crate::support::{McpServer, SERVICE_KEY, TEST_KEY, spawn_worker, terminate, test_settings, worker_env};
+
+/// The access token every rig user has; the secrets check looks for it in the logs.
+pub const ACCESS_TOKEN: &str = "fault-rig-access-token-5b1f0c";
+pub const REFRESH_TOKEN: &str = "fault-rig-refresh-token-a77e3d";
+
+pub struct Rig {
+    pub settings: Settings,
+    pub server: McpServer,
+    env: Vec<(String, String)>,
+    pub reply_queue: String,
+    workers: Vec<Child>,
+    logs: tempfile::TempDir,
+    /// Replies read so far, by job_id.
+    pub replies: BTreeMap<String, Vec<Value>>,
+    /// When the first reply of each job was read.
+    pub arrived: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+    /// The connection replies are read on, replaced when the broker drops it.
+    reader: Option<Client>,
+}
+
+/// A channel and the connection it lives on (which closes when dropped with it).
+struct Client {
+    channel: lapin::Channel,
+    _connection: Connection,
+}
+
+impl Rig {
+    /// A rig whose workers use `settings` plus `extra` (dotted keys), logging at debug level.
+    pub async fn new(server: McpServer, overrides: &[(&str, Value)], extra: &[(&str, Value)]) -> Self {
+        let settings = test_settings(&server.url(), overrides);
+        mcp_worker::app::migrate(&settings).await.expect("migrations apply");
+        let mut all: Vec<(&str, Value)> = overrides.to_vec();
+        all.push(("telemetry.filter", json!("debug")));
+        all.extend(extra.iter().cloned());
+        let env = worker_env(&settings, &all);
+        let reply_queue = format!("{}.replies", settings.amqp.jobs_queue);
+        let rig = Self {
+            settings,
+            server,
+            env,
+            reply_queue,
+            workers: Vec::new(),
+            logs: tempfile::tempdir().unwrap(),
+            replies: BTreeMap::new(),
+            arrived: BTreeMap::new(),
+            reader: None,
+        };
+        let client = rig.channel().await.expect("RabbitMQ is reachable");
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        client.channel.queue_declare(rig.reply_queue.as_str().into(), durable, FieldTable::default()).await.unwrap();
+        rig
+    }
+
+    /// Starts one more `mcp-worker run --roles <roles>` process; returns its index.
+    pub async fn start_worker(&mut self, roles: &str) -> usize {
+        let index = self.workers.len();
+        let log = std::fs::File::create(self.logs.path().join(format!("worker-{index}.log"))).unwrap();
+        self.workers.push(spawn_worker(&["run", "--roles", roles], &self.env, Stdio::from(log)));
+        index
+    }
+
+    /// Waits until worker `index` says it is ready (connected, topology declared, consuming).
+    pub async fn wait_ready(&self, index: usize) {
+        crate::support::wait_until("the worker is ready", || async { self.logged(index, "mcp-worker ready") }).await;
+    }
+
+    /// Whether worker `index` logged a line containing `text`.
+    pub fn logged(&self, index: usize, text: &str) -> bool {
+        let log = self.logs.path().join(format!("worker-{index}.log"));
+        std::fs::read_to_string(log).is_ok_and(|log| log.contains(text))
+    }
+
+    pub fn kill_worker(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        worker.kill().expect("SIGKILL is delivered");
+        worker.wait().unwrap();
+    }
+
+    /// Stores the rig's token for `user` straight into the database, as the connect flow would.
+    pub async fn connect_user(&self, user: &str) {
+        let store = mcp_worker::store::Store::connect(&self.settings.mongodb).await.unwrap();
+        let cipher =
+            std::sync::Arc::new(mcp_worker::crypto::TokenCipher::from_settings(&self.settings.encryption).unwrap());
+        let tokens = mcp_worker::store::NewTokens {
+            access_token: mcp_worker::secret::Secret::new(ACCESS_TOKEN.to_owned()),
+            refresh_token: mcp_worker::secret::Secret::new(REFRESH_TOKEN.to_owned()),
+            expires_at: chrono::Utc::now() + chrono::Duration::hours(6),
+        };
+        let now = chrono::Utc::now();
+        store.tokens(mcp_worker::provider::Provider::Qlik, &cipher).save(user, &tokens, now).await.unwrap();
+    }
+
+    /// A fresh client connection and a channel on it.
+    async fn channel(&self) -> Result<Client, lapin::Error> {
+        let connection = Connection::connect(self.settings.amqp.url.expose(), ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        Ok(Client { channel, _connection: connection })
+    }
+
+    /// Publishes one persistent job per `(job_id, tool, arguments)`, each with a reply_to on the
+    /// rig's durable reply queue, and waits for every confirm.
+    pub async fn publish(&self, jobs: impl IntoIterator<Item = (String, &str, Value, Option<String>)>) {
+        let client = self.channel().await.expect("RabbitMQ is reachable");
+        let channel = &client.channel;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let mut confirms = Vec::new();
+        for (job_id, tool, arguments, deadline) in jobs {
+            let mut job = json!({ "job_id": job_id, "user_id": "alice", "tool": tool, "arguments": arguments });
+            if let Some(deadline) = deadline {
+                job["deadline"] = json!(deadline);
+            }
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_correlation_id(job_id.as_str().into())
+                .with_reply_to(self.reply_queue.as_str().into());
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    self.settings.amqp.jobs_queue.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &serde_json::to_vec(&job).unwrap(),
+                    properties,
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(matches!(confirm.await.unwrap(), Confirmation::Ack(None)), "a job was not routed");
+        }
+    }
+
+    /// `count_job` jobs `job-0` … `job-<n-1>`.
+    pub async fn publish_count_jobs(&self, n: usize) {
+        self.publish((0..n).map(|i| {
+            let job_id = format!("job-{i}");
+            let arguments = json!({ "job_id": job_id });
+            (job_id, "count_job", arguments, None)
+        }))
+        .await;
+    }
+
+    /// Reads replies until `expected` distinct job ids have one, reconnecting whenever the
+    /// broker goes away; fails the test after `within`.
+    pub async fn collect_replies(&mut self, expected: usize, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        while self.replies.len() < expected {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "only {} of {expected} jobs answered within {within:?}",
+                self.replies.len()
+            );
+            if self.read_replies().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Takes every reply waiting now.
+    pub async fn read_replies(&mut self) -> Result<(), lapin::Error> {
+        let reader = match self.reader.take() {
+            Some(reader) => reader,
+            None => self.channel().await?,
+        };
+        let queue = self.reply_queue.as_str();
+        while let Some(message) = reader.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await? {
+            let reply: Value = serde_json::from_slice(&message.delivery.data).expect("replies are JSON");
+            let job_id = reply["job_id"].as_str().expect("replies name their job").to_owned();
+            self.arrived.entry(job_id.clone()).or_insert_with(chrono::Utc::now);
+            self.replies.entry(job_id).or_default().push(reply);
+        }
+        // Kept only when it worked: after an error the next call connects afresh.
+        self.reader = Some(reader);
+        Ok(())
+    }
+
+    /// How many times the MCP server ran the tool for each job id (from its request log).
+    pub fn executions(&self) -> BTreeMap<String, usize> {
+        let mut executions = BTreeMap::new();
+        for call in self.server.tool_calls() {
+            let job_id = call.arguments.as_ref().and_then(|a| a["job_id"].as_str()).unwrap_or_default().to_owned();
+            *executions.entry(job_id).or_default() += 1;
+        }
+        executions
+    }
+
+    /// Jobs `job-0` … `job-<n-1>` each got replies, all `ok` and identical, and the tool ran
+    /// exactly once for each.
+    pub fn assert_each_answered_and_run_once(&self, n: usize) {
+        let expected: BTreeSet<String> = (0..n).map(|i| format!("job-{i}")).collect();
+        let answered: BTreeSet<String> = self.replies.keys().cloned().collect();
+        assert_eq!(answered, expected, "every job answered, no other");
+        for (job_id, replies) in &self.replies {
+            assert_eq!(replies[0]["status"], "ok", "{job_id}: {}", replies[0]);
+            assert!(replies.iter().all(|r| r == &replies[0]), "{job_id}: duplicate replies differ: {replies:?}");
+        }
+        let executions = self.executions();
+        let twice: Vec<_> = executions.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(twice.is_empty(), "jobs not run exactly once: {twice:?}");
+        assert_eq!(executions.len(), n, "every job ran");
+    }
+
+    /// Stops the workers still running (SIGTERM; each must exit 0), then asserts that no secret
+    /// appears in anything any worker process logged.
+    pub async fn finish(mut self) {
+        for worker in &mut self.workers {
+            if worker.try_wait().unwrap().is_none() {
+                assert!(terminate(worker), "a worker did not exit 0 on SIGTERM");
+            }
+        }
+        let mut logs = String::new();
+        for entry in std::fs::read_dir(self.logs.path()).unwrap() {
+            logs.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+        }
+        assert!(logs.contains("job done"), "debug logs were captured");
+        for (what, value) in [
+            ("access token", ACCESS_TOKEN),
+            ("refresh token", REFRESH_TOKEN),
+            ("encryption key", TEST_KEY),
+            ("service key", SERVICE_KEY),
+            ("broker password", "guest:guest"),
+        ] {
+            assert!(!logs.contains(value), "the {what} appears in the logs");
+        }
+        if let Ok(client) = self.channel().await {
+            let _ = client.channel.queue_delete(self.reply_queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+    }
+}
+
+impl Drop for Rig {
+    /// When a test fails, the end of each worker's log is the first thing one wants to see.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (index, worker) in self.workers.iter_mut().enumerate() {
+            let _ = worker.kill();
+            let log = std::fs::read_to_string(self.logs.path().join(format!("worker-{index}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("----- worker {index}, last lines of its log");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
