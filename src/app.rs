@@ -98,6 +98,7 @@ impl App {
                 },
                 call_timeout: settings.mcp.call_timeout(),
                 dead_letter_queue: settings.amqp.dead_letter_queue.clone(),
+                delivery_limit: settings.amqp.delivery_limit,
                 clock_skew: Duration::from_secs(settings.tokens.clock_skew_secs),
                 max_deferrals: settings.tokens.max_deferrals,
                 delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),

@@ -138,6 +138,9 @@ pub enum ErrorCode {
     McpUnavailable,
     McpProtocolError,
     DeadlineExceeded,
+    /// The job was delivered `amqp.delivery_limit` times without being settled (it crashed
+    /// workers, or its reply could not be published); it was dead-lettered instead of run again.
+    DeliveryLimit,
     Internal,
 }
 
@@ -225,6 +228,7 @@ impl ErrorCode {
             ErrorCode::McpUnavailable => "mcp_unavailable",
             ErrorCode::McpProtocolError => "mcp_protocol_error",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::DeliveryLimit => "delivery_limit",
             ErrorCode::Internal => "internal",
         }
     }

@@ -85,9 +85,10 @@ async fn spawn_fake() -> (SocketAddr, Arc<Fake>) {
 }
 
 fn clients(addr: SocketAddr) -> McpClients {
-    let figment = Settings::figment(None, std::path::Path::new("config"))
-        .unwrap()
-        .merge(Serialized::default("mcp.servers", json!({ "fake": { "url": format!("http://{addr}/mcp"), "tools": ["echo"] } })));
+    let figment = Settings::figment(None, std::path::Path::new("config")).unwrap().merge(Serialized::default(
+        "mcp.servers",
+        json!({ "fake": { "url": format!("http://{addr}/mcp"), "tools": ["echo"] } }),
+    ));
     let settings = Settings::from_figment(figment).unwrap();
     let registry = Registry::from_settings(&settings.mcp).unwrap();
     McpClients::new(&registry, Duration::from_secs(2), 8).unwrap()

@@ -74,6 +74,9 @@ pub struct Delivery {
     pub retries: u32,
     /// The job claim this delivery took back from the delay queue, if it held one.
     pub claim: Option<String>,
+    /// How many earlier deliveries of this message ended without an ack (the quorum queue's
+    /// `x-delivery-count`).
+    pub failed_deliveries: u32,
     inner: lapin::message::Delivery,
 }
 
@@ -90,6 +93,7 @@ impl From<lapin::message::Delivery> for Delivery {
             deferrals: counter(props, DEFERRALS_HEADER),
             retries: counter(props, ATTEMPTS_HEADER),
             claim: text_header(props, CLAIM_HEADER),
+            failed_deliveries: counter(props, "x-delivery-count"),
             body: std::mem::take(&mut inner.data),
             inner,
         }
@@ -124,7 +128,7 @@ fn text_header(properties: &lapin::BasicProperties, header: &str) -> Option<Stri
     }
 }
 
-/// A counter header of ours, 0 when absent or not a number.
+/// A counter header, 0 when absent or not a number.
 fn counter(properties: &lapin::BasicProperties, header: &str) -> u32 {
     use lapin::types::AMQPValue;
     let value = properties.headers().as_ref().and_then(|h| h.inner().get(header).cloned());

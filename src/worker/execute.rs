@@ -113,6 +113,17 @@ impl Worker {
         let disposition = match results.claim(&job.job_id, &owner, now, lease_until, expires_at).await {
             Ok(Claim::Done(body)) => Disposition::Replay { to, body },
             Ok(Claim::Busy) => wait_unless_late(&job, to, now, None),
+            // Its earlier deliveries all ended without an ack: running it again may crash this
+            // worker too. The broker's own limit, one delivery later, is only the backstop.
+            Ok(Claim::Run) if delivery.failed_deliveries >= self.config.delivery_limit => {
+                let reason = format!(
+                    "delivered {} times without being settled (amqp.delivery_limit is {})",
+                    delivery.failed_deliveries + 1,
+                    self.config.delivery_limit
+                );
+                let reply = Reply::error(Some(&job.job_id), ErrorCode::DeliveryLimit, reason.clone());
+                Disposition::DeadLetter { reason, to: Some(to), reply }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the result store is unreachable; the job waits");
                 // The claim may have been written before the error: the job keeps its owner.

@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     pub job_limits: crate::job::Limits,
     pub call_timeout: Duration,
     pub dead_letter_queue: String,
+    /// Deliveries that may end without an ack before the worker dead-letters the job.
+    pub delivery_limit: u32,
     /// Added to the call's budget: a token must be valid this much longer than the call may take.
     pub clock_skew: Duration,
     pub max_deferrals: u32,

@@ -3,7 +3,9 @@
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 
-use crate::support::{Flavor, McpServer, declare_queue, header, spawn_app, spawn_app_with};
+use crate::support::{
+    Flavor, McpServer, declare_queue, header, spawn_app, spawn_app_from, spawn_app_with, test_settings,
+};
 
 #[tokio::test]
 async fn a_user_without_a_token_gets_not_connected_and_the_server_is_not_called() {
@@ -199,6 +201,51 @@ async fn a_job_is_not_acked_while_the_broker_refuses_its_reply() {
     assert_eq!(header(&dead.properties, "x-mcp-worker-reason"), None);
     // The tool ran once: the redeliveries replayed its recorded reply (also refused by the broker).
     assert_eq!(server.tool_calls().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_deliveries_keep_failing_is_dead_lettered_with_its_reason_and_answered() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions};
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let settings = test_settings(&server.url(), &[("amqp.delivery_limit", json!(2))]);
+    // The queues first, without a worker: the test plays two workers that crashed on the job.
+    let none = mcp_worker::app::Roles { worker: false, refresher: false, api: false };
+    let declared = mcp_worker::app::App::build(&settings, none).await.unwrap();
+    declared.run(tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let connection = lapin::Connection::connect(settings.amqp.url.expose(), Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let jobs = settings.amqp.jobs_queue.clone();
+    let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "count_job", "arguments": { "job_id": "job-1" } });
+    // Its own reply queue, there before the worker starts (which answers at once).
+    let replies = format!("{jobs}.poison-replies");
+    channel.queue_declare(replies.as_str().into(), Default::default(), Default::default()).await.unwrap();
+    let properties = lapin::BasicProperties::default().with_reply_to(replies.as_str().into()).with_delivery_mode(2);
+    let body = serde_json::to_vec(&job).unwrap();
+    channel
+        .basic_publish("".into(), jobs.as_str().into(), BasicPublishOptions::default(), &body, properties)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let delivery = loop {
+            match channel.basic_get(jobs.as_str().into(), BasicGetOptions::default()).await.unwrap() {
+                Some(message) => break message.delivery,
+                None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        delivery.reject(BasicRejectOptions { requeue: true }).await.unwrap();
+    }
+
+    let app = spawn_app_from(settings).await;
+    let reply = app.next_message(&replies).await.expect("a reply arrives in time");
+    let reply: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(reply["error"]["code"], "delivery_limit", "{reply}");
+    assert_eq!(reply["error"]["retryable"], false);
+    let dead = app.next_message(&app.settings.amqp.dead_letter_queue).await.expect("the job is dead-lettered");
+    let reason = header(&dead.properties, "x-mcp-worker-reason").expect("with the worker's reason");
+    assert!(reason.contains("delivered 3 times"), "{reason}");
+    assert!(server.tool_calls().is_empty(), "the job was not run again");
+    channel.queue_delete(replies.as_str().into(), Default::default()).await.unwrap();
     app.stop().await;
 }
 

@@ -112,8 +112,12 @@ fn init_tracing() {
 }
 
 pub async fn spawn_app_with(mcp_url: &str, overrides: &[(&str, Value)]) -> TestApp {
+    spawn_app_from(test_settings(mcp_url, overrides)).await
+}
+
+/// A worker on `settings` (from [`test_settings`]), for tests that prepare its queues first.
+pub async fn spawn_app_from(settings: Settings) -> TestApp {
     init_tracing();
-    let settings = test_settings(mcp_url, overrides);
     let store = Store::connect(&settings.mongodb).await.unwrap();
     store.ping().await.expect("MongoDB (SecantusDB) is not reachable: run scripts/services up");
     mcp_worker::app::migrate(&settings).await.expect("migrations apply");
