@@ -19,6 +19,9 @@ use crate::support::{McpServer, SERVICE_KEY, TEST_KEY, spawn_worker, terminate, 
 /// The access token every rig user has; the secrets check looks for it in the logs.
 pub const ACCESS_TOKEN: &str = "fault-rig-access-token-5b1f0c";
 pub const REFRESH_TOKEN: &str = "fault-rig-refresh-token-a77e3d";
+/// The OAuth client secret the rig's workers are configured with (they never use it: no
+/// refresher runs), so that printing the settings anywhere would be caught.
+const CLIENT_SECRET: &str = "fault-rig-client-secret-90c2e1";
 
 pub struct Rig {
     pub settings: Settings,
@@ -48,6 +51,8 @@ impl Rig {
         mcp_worker::app::migrate(&settings).await.expect("migrations apply");
         let mut all: Vec<(&str, Value)> = overrides.to_vec();
         all.push(("telemetry.filter", json!("debug")));
+        all.push(("providers.qlik.client_id", json!("fault-rig-client")));
+        all.push(("providers.qlik.client_secret", json!(CLIENT_SECRET)));
         all.extend(extra.iter().cloned());
         let env = worker_env(&settings, &all);
         let reply_queue = format!("{}.replies", settings.amqp.jobs_queue);
@@ -220,7 +225,7 @@ impl Rig {
     }
 
     /// Stops the workers still running (SIGTERM; each must exit 0), then asserts that no secret
-    /// appears in anything any worker process logged.
+    /// appears in anything any worker process logged, nor in any reply.
     pub async fn finish(mut self) {
         for worker in &mut self.workers {
             if worker.try_wait().unwrap().is_none() {
@@ -231,15 +236,18 @@ impl Rig {
         for entry in std::fs::read_dir(self.logs.path()).unwrap() {
             logs.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
         }
-        assert!(logs.contains("job done"), "debug logs were captured");
+        assert!(logs.contains("job done") && logs.contains("DEBUG"), "debug logs were captured");
+        let replies = serde_json::to_string(&self.replies).unwrap();
         for (what, value) in [
             ("access token", ACCESS_TOKEN),
             ("refresh token", REFRESH_TOKEN),
+            ("client secret", CLIENT_SECRET),
             ("encryption key", TEST_KEY),
             ("service key", SERVICE_KEY),
             ("broker password", "guest:guest"),
         ] {
             assert!(!logs.contains(value), "the {what} appears in the logs");
+            assert!(!replies.contains(value), "the {what} appears in a reply");
         }
         if let Ok(client) = self.channel().await {
             let _ = client.channel.queue_delete(self.reply_queue.as_str().into(), QueueDeleteOptions::default()).await;
