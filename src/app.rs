@@ -110,6 +110,7 @@ impl App {
                     + Duration::from_secs(settings.tokens.clock_skew_secs)
                     + Duration::from_secs(10),
                 results_ttl: Duration::from_secs(settings.worker.results_ttl_secs),
+                token_cache_ttl: Duration::from_millis(settings.tokens.cache_ttl_ms),
                 retries: settings
                     .worker
                     .retry_delays()

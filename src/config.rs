@@ -122,6 +122,7 @@ pub struct RefresherSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
+    pub cache_ttl_ms: u64,
     pub clock_skew_secs: u64,
     pub max_deferrals: u32,
     pub defer_ms: u64,

@@ -4,6 +4,7 @@
 //! stores the rest of the program uses ([`TokenStore`]) and runs the migrations; callers never see
 //! a BSON document or a driver error type.
 
+mod batch;
 mod migrations;
 mod results;
 mod states;
@@ -28,7 +29,7 @@ use crate::provider::Provider;
 /// fails fast while the database is away instead of holding a worker slot.
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the MongoDB connection string is invalid: {0}")]
     InvalidUri(String),
@@ -63,6 +64,7 @@ impl From<mongodb::error::Error> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Database,
+    results: ResultStore,
 }
 
 impl Store {
@@ -75,7 +77,8 @@ impl Store {
         options.app_name.get_or_insert_with(|| "mcp-worker".to_owned());
         options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
         let client = Client::with_options(options).map_err(|e| StoreError::InvalidUri(e.kind.to_string()))?;
-        Ok(Self { db: client.database(&settings.database) })
+        let db = client.database(&settings.database);
+        Ok(Self { results: ResultStore::new(&db), db })
     }
 
     #[tracing::instrument(skip_all)]
@@ -89,7 +92,7 @@ impl Store {
     }
 
     pub fn results(&self) -> ResultStore {
-        ResultStore::new(&self.db)
+        self.results.clone()
     }
 
     pub fn states(&self, cipher: &Arc<TokenCipher>) -> StateStore {

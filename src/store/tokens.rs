@@ -206,7 +206,9 @@ impl TokenStore {
         let filter = doc! {
             "expires_at": { "$lte": bson_date(until) },
             "status": { "$ne": TokenStatus::ReauthRequired.as_str() },
-            "$or": [ { "lease_until": { "$exists": false } }, { "lease_until": { "$lte": bson_date(now) } } ],
+            // Not leased, or the lease ran out. Written without `$or`, which some MongoDB-wire
+            // servers (SecantusDB) answer with a collection scan.
+            "lease_until": { "$not": { "$gt": bson_date(now) } },
         };
         let mut cursor = self
             .raw
@@ -242,7 +244,7 @@ impl TokenStore {
             "user_id": &due.user_id,
             "version": due.version,
             "status": { "$ne": TokenStatus::ReauthRequired.as_str() },
-            "$or": [ { "lease_until": { "$exists": false } }, { "lease_until": { "$lte": bson_date(now) } } ],
+            "lease_until": { "$not": { "$gt": bson_date(now) } },
         };
         let update = doc! {
             "$set": { "lease_owner": owner, "lease_until": bson_date(now + lease) },
@@ -322,7 +324,7 @@ impl TokenStore {
     pub async fn request_refresh(&self, user_id: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
         let filter = doc! {
             "user_id": user_id,
-            "$or": [ { "lease_until": { "$exists": false } }, { "lease_until": { "$lte": bson_date(now) } } ],
+            "lease_until": { "$not": { "$gt": bson_date(now) } },
         };
         self.raw.update_one(filter, doc! { "$unset": { "lease_until": "" } }).await?;
         Ok(())

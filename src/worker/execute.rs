@@ -12,7 +12,7 @@ use crate::job::{self, ErrorCode, InvalidJob, Job, Reply};
 use crate::provider::Provider;
 use crate::queue::Delivery;
 use crate::registry::{CredentialHeader, ServerSpec};
-use crate::store::{Claim, StoreError, TokenStatus};
+use crate::store::{Claim, StoreError, StoredToken, TokenStatus};
 
 /// What to do with one delivery.
 #[derive(Debug)]
@@ -90,15 +90,20 @@ enum Ran {
 }
 
 impl Worker {
-    pub(super) async fn dispose(&self, delivery: &Delivery, now: DateTime<Utc>) -> (Option<Job>, Disposition) {
+    /// Decides what to do with `delivery`; also says how long the MCP call took, if one was made.
+    pub(super) async fn dispose(
+        &self,
+        delivery: &Delivery,
+        now: DateTime<Utc>,
+    ) -> (Option<Job>, Disposition, Duration) {
         let job = match job::decode(&delivery.body, self.config.job_limits) {
             Ok(job) => job,
-            Err(invalid) => return (None, invalid_job(delivery, invalid)),
+            Err(invalid) => return (None, invalid_job(delivery, invalid), Duration::ZERO),
         };
         let Some(queue) = delivery.reply_to.clone() else {
             let reason = "the message has no reply_to property, so no reply could reach the caller".to_owned();
             let reply = Reply::error(Some(&job.job_id), ErrorCode::InvalidJob, reason.clone());
-            return (Some(job), Disposition::DeadLetter { reason, to: None, reply });
+            return (Some(job), Disposition::DeadLetter { reason, to: None, reply }, Duration::ZERO);
         };
         let to =
             ReplyTarget { queue, correlation_id: delivery.correlation_id.clone().or_else(|| Some(job.job_id.clone())) };
@@ -110,7 +115,11 @@ impl Worker {
             .unwrap_or_else(|| format!("{}/{}", self.config.owner, uuid::Uuid::new_v4().simple()));
         let lease_until = now + chrono::Duration::from_std(self.config.claim_lease).unwrap_or(chrono::Duration::MAX);
         let expires_at = now + chrono::Duration::from_std(self.config.results_ttl).unwrap_or(chrono::Duration::MAX);
-        let disposition = match results.claim(&job.job_id, &owner, now, lease_until, expires_at).await {
+        let mut call_time = Duration::ZERO;
+        let disposition = match results
+            .claim(&job.job_id, &owner, delivery.claim.is_some(), now, lease_until, expires_at)
+            .await
+        {
             Ok(Claim::Done(body)) => Disposition::Replay { to, body },
             Ok(Claim::Busy) => wait_unless_late(&job, to, now, None),
             // Its earlier deliveries all ended without an ack: running it again may crash this
@@ -129,7 +138,7 @@ impl Worker {
                 // The claim may have been written before the error: the job keeps its owner.
                 wait_unless_late(&job, to, now, Some(owner))
             }
-            Ok(Claim::Run) => match self.execute(&job, now).await {
+            Ok(Claim::Run) => match self.execute(&job, now, &mut call_time).await {
                 Ran::Reply(reply) => {
                     // The longest of a retry's delays decides whether it fits before the deadline.
                     let delays =
@@ -162,11 +171,11 @@ impl Worker {
                 }
             },
         };
-        (Some(job), disposition)
+        (Some(job), disposition, call_time)
     }
 
-    /// Runs a valid job and says how it went.
-    async fn execute(&self, job: &Job, now: DateTime<Utc>) -> Ran {
+    /// Runs a valid job; `call_time` gets how long the MCP call took.
+    async fn execute(&self, job: &Job, now: DateTime<Utc>, call_time: &mut Duration) -> Ran {
         let id = Some(job.job_id.as_str());
         let Some(server) = self.registry.route(&job.tool) else {
             let message = format!("no MCP server serves the tool `{}`", job.tool);
@@ -187,7 +196,10 @@ impl Worker {
             Err(DeadlinePassed) => return Ran::Reply(deadline_exceeded(job)),
         };
         let client = self.mcp.get(&server.name).expect("every routed server has a client");
-        Ran::Reply(match client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await {
+        let called = std::time::Instant::now();
+        let outcome = client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await;
+        *call_time = called.elapsed();
+        Ran::Reply(match outcome {
             Ok(result) => Reply::ok(&job.job_id, result),
             Err(e) => Reply::error(id, policy::error_code(&e, budget), e.to_string()),
         })
@@ -199,7 +211,24 @@ impl Worker {
         let Some(auth) = &server.auth else { return Credential::Header(None) };
         let id = Some(job.job_id.as_str());
         let provider = auth.provider;
-        let token = match self.store.tokens(provider, &self.cipher).get(&job.user_id).await {
+        let min_remaining = call + self.config.clock_skew;
+        let usable = |token: &StoredToken| {
+            let reauth = token.status == TokenStatus::ReauthRequired;
+            policy::token_verdict(now, token.expires_at, reauth, min_remaining)
+        };
+        // A cached token serves only if it would serve as freshly read; otherwise read again.
+        let cached = self.tokens.get(provider, &job.user_id, std::time::Instant::now());
+        let token = match cached.filter(|token| usable(token) == TokenVerdict::Use) {
+            Some(token) => Ok(Some(token)),
+            None => {
+                let read = self.store.tokens(provider, &self.cipher).get(&job.user_id).await;
+                if let Ok(Some(token)) = &read {
+                    self.tokens.put(provider, token, std::time::Instant::now());
+                }
+                read
+            }
+        };
+        let token = match token {
             Ok(Some(token)) => token,
             Ok(None) => {
                 let message = format!("the user has not connected {provider}; send them through the connect flow");
@@ -219,8 +248,7 @@ impl Worker {
                 return Credential::Unavailable;
             }
         };
-        let min_remaining = call + self.config.clock_skew;
-        match policy::token_verdict(now, token.expires_at, token.status == TokenStatus::ReauthRequired, min_remaining) {
+        match usable(&token) {
             TokenVerdict::Use => match auth.credential(&token.access_token) {
                 Ok(header) => Credential::Header(Some(header)),
                 Err(e) => {

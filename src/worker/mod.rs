@@ -7,6 +7,7 @@
 
 mod execute;
 pub mod policy;
+mod token_cache;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use crate::queue::{Broker, Delivery, Jobs, Published, Publisher, QueueError, Ret
 use crate::registry::Registry;
 use crate::store::Store;
 use execute::{Disposition, RefreshNeeded, ReplyTarget};
+use token_cache::TokenCache;
 
 /// The settings the job path reads, resolved once at start.
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct WorkerConfig {
     pub claim_lease: Duration,
     /// How long a job's result is kept to recognise redeliveries.
     pub results_ttl: Duration,
+    /// How long a token read from the database is reused; zero reads it for every job.
+    pub token_cache_ttl: Duration,
     /// For each retry in turn, the delay queues it may wait in (one is picked at random, for
     /// jitter), with their delays.
     pub retries: Vec<Vec<(String, Duration)>>,
@@ -58,6 +62,7 @@ pub struct Worker {
     cipher: Arc<TokenCipher>,
     mcp: Arc<McpClients>,
     publisher: Publisher,
+    tokens: TokenCache,
 }
 
 impl Worker {
@@ -69,7 +74,8 @@ impl Worker {
         mcp: Arc<McpClients>,
         publisher: Publisher,
     ) -> Self {
-        Self { config, registry, store, cipher, mcp, publisher }
+        let tokens = TokenCache::new(config.token_cache_ttl);
+        Self { config, registry, store, cipher, mcp, publisher, tokens }
     }
 
     /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
@@ -130,7 +136,7 @@ impl Worker {
     #[tracing::instrument(skip_all, fields(job_id, tool))]
     async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
-        let (job, disposition) = self.dispose(&delivery, Utc::now()).await;
+        let (job, disposition, call_time) = self.dispose(&delivery, Utc::now()).await;
         if let Some(job) = &job {
             let span = tracing::Span::current();
             span.record("job_id", job.job_id.as_str());
@@ -139,8 +145,11 @@ impl Worker {
         let outcome = disposition.outcome();
         match self.settle(&delivery, &disposition).await {
             Ok(()) => {
-                let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-                tracing::info!(outcome, duration_ms, redelivered = delivery.redelivered, "job done");
+                let duration = started.elapsed();
+                // What this process added to the job: everything but the MCP call itself.
+                let added_ms = duration.saturating_sub(call_time).as_secs_f64() * 1000.0;
+                let duration_ms = duration.as_secs_f64() * 1000.0;
+                tracing::info!(outcome, duration_ms, added_ms, redelivered = delivery.redelivered, "job done");
             }
             Err(e) => {
                 tracing::error!(error = %e, outcome, "could not settle the job; requeueing it");
