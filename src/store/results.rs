@@ -1,15 +1,19 @@
-//! The `job_results` collection: what makes a redelivered job not run twice.
+//! `job_results` and `job_replies`: what makes a redelivered job not run twice.
 //!
-//! One document per `job_id`. A consumer first *claims* the job (owner + lease); once the tool has
-//! run, it stores the reply there *before* publishing it. A delivery of a job that already has a
-//! reply gets that reply again and the MCP server is not called; a delivery of a job another live
-//! consumer holds waits. A job that goes to a delay queue (a retry, a wait for its token) keeps
-//! its claim and takes it back when it returns, so no copy of it can run in between. A claim
-//! whose lease ran out (its consumer died mid-call) can be taken over. Documents expire after
-//! `worker.results_ttl_secs` (TTL index), which bounds how late a duplicate is still recognised.
+//! A consumer first *claims* the `job_id` (a `job_results` document: owner + lease); once the
+//! tool has run, it records the reply in `job_replies` *before* publishing it. A delivery of a
+//! job that already has a reply gets that reply again and the MCP server is not called; a
+//! delivery of a job another live consumer holds waits. A job that goes to a delay queue (a
+//! retry, a wait for its token) keeps its claim and takes it back when it returns, so no copy of
+//! it can run in between. A claim whose lease ran out (its consumer died mid-call) can be taken
+//! over. Documents expire after `worker.results_ttl_secs` (TTL indexes), which bounds how late a
+//! duplicate is still recognised.
 //!
-//! Claims and completions are group-committed ([`super::batch`]): the jobs of one moment share
-//! one `update` command of many statements, so the round trips per job fall as load rises.
+//! The common case costs two *inserts*: the claim of a new `job_id`, and its reply. They are
+//! group-committed ([`super::batch`]): the jobs of one moment share one `insert` command, so the
+//! round trips per job fall as load rises. Only a duplicate key (a job seen before) takes the
+//! slower path of finds and conditional updates. Replies recorded inside the claim document by
+//! earlier versions are still found there.
 
 use chrono::{DateTime, Utc};
 use mongodb::Database;
@@ -19,7 +23,8 @@ use super::StoreError;
 use super::batch::Batcher;
 use super::tokens::bson_date;
 
-const COLLECTION: &str = "job_results";
+const CLAIMS: &str = "job_results";
+const REPLIES: &str = "job_replies";
 const DUPLICATE_KEY: i32 = 11000;
 
 /// What a delivery may do with its job.
@@ -33,38 +38,31 @@ pub enum Claim {
     Busy,
 }
 
-/// The outcome of one claim statement before a duplicate is looked into.
-#[derive(Clone)]
-enum Claimed {
-    Run,
-    /// The document exists and did not match: it has a reply, or someone else's live claim.
-    Taken,
-}
-
 #[derive(Clone)]
 pub struct ResultStore {
     db: Database,
-    claims: Batcher<Document, Claimed>,
-    completions: Batcher<Document, ()>,
+    claims: Batcher<Document, Inserted>,
+    replies: Batcher<Document, Inserted>,
+}
+
+/// What became of one inserted document.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inserted {
+    Yes,
+    /// A document with that `_id` exists already.
+    Duplicate,
 }
 
 impl ResultStore {
     pub(super) fn new(db: &Database) -> Self {
-        let claims = {
+        let inserter = |collection: &'static str| {
             let db = db.clone();
-            Batcher::spawn(move |statements| {
+            Batcher::spawn(move |documents| {
                 let db = db.clone();
-                async move { claim_all(&db, statements).await }
+                async move { insert_all(&db, collection, documents).await }
             })
         };
-        let completions = {
-            let db = db.clone();
-            Batcher::spawn(move |statements| {
-                let db = db.clone();
-                async move { complete_all(&db, statements).await }
-            })
-        };
-        Self { db: db.clone(), claims, completions }
+        Self { db: db.clone(), claims: inserter(CLAIMS), replies: inserter(REPLIES) }
     }
 
     /// Claims `job_id` for `owner` until `lease_until`, unless it has a reply or someone else's
@@ -81,90 +79,110 @@ impl ResultStore {
         lease_until: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<Claim, StoreError> {
-        let statement = |taking: Document| {
-            let mut q = doc! { "_id": job_id, "reply": { "$exists": false } };
-            q.extend(taking);
-            doc! {
-                "q": q,
-                "u": {
-                    "$set": { "owner": owner, "lease_until": bson_date(lease_until) },
-                    "$setOnInsert": { "created_at": bson_date(now), "expires_at": bson_date(expires_at) },
-                },
-                "upsert": true,
+        if !returning {
+            let claim = doc! {
+                "_id": job_id, "owner": owner, "lease_until": bson_date(lease_until),
+                "created_at": bson_date(now), "expires_at": bson_date(expires_at),
+            };
+            if self.claims.submit(claim).await? == Inserted::Yes {
+                return Ok(Claim::Run);
             }
+        }
+        // Seen before: answered already, held by someone, or ours to take (back).
+        if let Some(reply) = self.reply(job_id).await? {
+            return Ok(Claim::Done(reply));
+        }
+        let claims = self.db.collection::<Document>(CLAIMS);
+        let take = |taking: Document| {
+            let mut filter = doc! { "_id": job_id, "reply": { "$exists": false } };
+            filter.extend(taking);
+            let update = doc! {
+                "$set": { "owner": owner, "lease_until": bson_date(lease_until) },
+                "$setOnInsert": { "created_at": bson_date(now), "expires_at": bson_date(expires_at) },
+            };
+            claims.update_one(filter, update).upsert(true)
         };
-        // Two filters rather than one `$or`: MongoDB-wire servers without an index-aware `$or`
-        // (SecantusDB) would scan the collection for every claim.
-        let lapsed = doc! { "lease_until": { "$lte": bson_date(now) } };
-        let own = doc! { "owner": owner };
-        let mut claimed = self.claims.submit(statement(if returning { own } else { lapsed.clone() })).await?;
-        if returning && matches!(claimed, Claimed::Taken) {
-            // Its claim is gone (taken over after the lease ran out): it may still be free.
-            claimed = self.claims.submit(statement(lapsed)).await?;
+        // Its own claim first, then one whose lease ran out; two filters, not an `$or`, which
+        // some MongoDB-wire servers (SecantusDB) answer with a collection scan.
+        let mut taken = false;
+        if returning {
+            taken = taken_or_held(take(doc! { "owner": owner }).await)?;
         }
-        match claimed {
-            Claimed::Run => Ok(Claim::Run),
-            Claimed::Taken => {
-                let existing = self.db.collection::<Document>(COLLECTION).find_one(doc! { "_id": job_id }).await?;
-                Ok(match existing.as_ref().and_then(|d| d.get_str("reply").ok()) {
-                    Some(reply) => Claim::Done(reply.as_bytes().to_vec()),
-                    None => Claim::Busy,
-                })
-            }
+        if !taken {
+            taken = taken_or_held(take(doc! { "lease_until": { "$lte": bson_date(now) } }).await)?;
         }
+        if !taken {
+            // Held by a live consumer, or answered by an earlier version (reply in the claim).
+            let existing = claims.find_one(doc! { "_id": job_id }).await?;
+            return Ok(match existing.as_ref().and_then(|d| d.get_str("reply").ok()) {
+                Some(reply) => Claim::Done(reply.as_bytes().to_vec()),
+                None => Claim::Busy,
+            });
+        }
+        // The claim was taken over: its last holder may have recorded a reply meanwhile.
+        Ok(match self.reply(job_id).await? {
+            Some(reply) => Claim::Done(reply),
+            None => Claim::Run,
+        })
     }
 
-    /// Stores the job's reply (a claim by `owner` must exist). From now on the job is done.
+    /// Records the job's reply. From now on the job is done; the first reply recorded stays.
     #[tracing::instrument(skip_all)]
-    pub async fn complete(&self, job_id: &str, owner: &str, reply: &[u8]) -> Result<(), StoreError> {
+    pub async fn complete(
+        &self,
+        job_id: &str,
+        reply: &[u8],
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let reply = String::from_utf8_lossy(reply).into_owned();
-        let statement = doc! {
-            "q": { "_id": job_id, "owner": owner },
-            "u": { "$set": { "reply": reply }, "$unset": { "lease_until": "" } },
-        };
-        self.completions.submit(statement).await
+        let document =
+            doc! { "_id": job_id, "reply": reply, "created_at": bson_date(now), "expires_at": bson_date(expires_at) };
+        self.replies.submit(document).await.map(|_| ())
+    }
+
+    async fn reply(&self, job_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let found = self.db.collection::<Document>(REPLIES).find_one(doc! { "_id": job_id }).await?;
+        Ok(found.as_ref().and_then(|d| d.get_str("reply").ok()).map(|r| r.as_bytes().to_vec()))
     }
 }
 
-/// Runs claim statements as one `update` command. A statement matched or upserted: the claim
-/// is taken. A duplicate-key error: the document exists and did not match.
-async fn claim_all(db: &Database, statements: Vec<Document>) -> Vec<Result<Claimed, StoreError>> {
-    let count = statements.len();
-    let response = match update(db, statements).await {
+/// Whether a conditional upsert took the claim (`true`) or found it held (a duplicate key).
+fn taken_or_held(result: Result<mongodb::results::UpdateResult, mongodb::error::Error>) -> Result<bool, StoreError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if is_duplicate_key(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match &*error.kind {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
+        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+/// Inserts `documents` with one unordered `insert` command: a duplicate does not stop the others.
+async fn insert_all(db: &Database, collection: &str, documents: Vec<Document>) -> Vec<Result<Inserted, StoreError>> {
+    let count = documents.len();
+    let command = doc! { "insert": collection, "documents": documents, "ordered": false };
+    let response = match db.run_command(command).await {
         Ok(response) => response,
-        Err(e) => return vec![Err(e); count],
+        Err(e) => return vec![Err(e.into()); count],
     };
-    let mut outcomes: Vec<Result<Claimed, StoreError>> = (0..count).map(|_| Ok(Claimed::Run)).collect();
+    let mut outcomes: Vec<Result<Inserted, StoreError>> = vec![Ok(Inserted::Yes); count];
     for (index, code, message) in write_errors(&response) {
         if let Some(outcome) = outcomes.get_mut(index) {
-            *outcome = if code == DUPLICATE_KEY { Ok(Claimed::Taken) } else { Err(StoreError::Rejected(message)) };
+            *outcome = if code == DUPLICATE_KEY { Ok(Inserted::Duplicate) } else { Err(StoreError::Rejected(message)) };
         }
     }
     outcomes
 }
 
-async fn complete_all(db: &Database, statements: Vec<Document>) -> Vec<Result<(), StoreError>> {
-    let count = statements.len();
-    let response = match update(db, statements).await {
-        Ok(response) => response,
-        Err(e) => return vec![Err(e); count],
-    };
-    let mut outcomes: Vec<Result<(), StoreError>> = (0..count).map(|_| Ok(())).collect();
-    for (index, _, message) in write_errors(&response) {
-        if let Some(outcome) = outcomes.get_mut(index) {
-            *outcome = Err(StoreError::Rejected(message));
-        }
-    }
-    outcomes
-}
-
-/// One unordered `update` command: a failing statement does not stop the others.
-async fn update(db: &Database, statements: Vec<Document>) -> Result<Document, StoreError> {
-    let command = doc! { "update": COLLECTION, "updates": statements, "ordered": false };
-    Ok(db.run_command(command).await?)
-}
-
-/// The statement index, code and message of each write error in an `update` response.
+/// The statement index, code and message of each write error in a write command's response.
 fn write_errors(response: &Document) -> Vec<(usize, i32, String)> {
     let Ok(errors) = response.get_array("writeErrors") else { return Vec::new() };
     errors

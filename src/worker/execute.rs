@@ -37,11 +37,10 @@ pub(super) enum Disposition {
     Defer { deferrals: u32, refresh: RefreshNeeded, claim: String },
 }
 
-/// Which claim a reply completes.
+/// Which job a reply is recorded for.
 #[derive(Debug, Clone)]
 pub(super) struct Record {
     pub job_id: String,
-    pub owner: String,
 }
 
 #[derive(Debug, Clone)]
@@ -151,9 +150,7 @@ impl Worker {
                             );
                             Disposition::Retry { level, claim: owner }
                         }
-                        None => {
-                            Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone(), owner }) }
-                        }
+                        None => Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone() }) },
                     }
                 }
                 Ran::StoreUnavailable => wait_unless_late(&job, to, Utc::now(), Some(owner)),

@@ -166,8 +166,11 @@ impl Worker {
         match disposition {
             Disposition::Reply { to, reply, record } => {
                 let body = reply.to_bytes();
+                let now = Utc::now();
+                let expires_at =
+                    now + chrono::Duration::from_std(self.config.results_ttl).unwrap_or(chrono::Duration::MAX);
                 if let Some(record) = record
-                    && let Err(e) = self.store.results().complete(&record.job_id, &record.owner, &body).await
+                    && let Err(e) = self.store.results().complete(&record.job_id, &body, now, expires_at).await
                 {
                     // The reply still goes out and the job is acked, so it is not redelivered; only
                     // a crash before the ack could now run it twice.
