@@ -415,3 +415,23 @@ async fn two_worker_processes_given_every_job_twice_run_each_job_once() {
     assert_eq!(executions.len(), 50);
     assert!(executions.values().all(|&n| n == 1), "a job ran twice: {executions:?}");
 }
+
+#[tokio::test]
+async fn with_the_token_cache_on_a_replaced_token_is_used_once_the_entry_expires() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app_with(&server.url(), &[("tokens.cache_ttl_ms", json!(3000))]).await;
+    app.store_token("alice", "first").await;
+    app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    app.next_reply().await;
+    // Replaced in the store (as a refresh would): the cached entry still serves for its TTL.
+    app.store_token("alice", "second").await;
+    app.call("job-2", "alice", "qlik_whoami", json!({})).await;
+    app.next_reply().await;
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    app.call("job-3", "alice", "qlik_whoami", json!({})).await;
+    app.next_reply().await;
+
+    let sent: Vec<_> = server.tool_calls().into_iter().map(|c| c.x_qlik_access_token.unwrap_or_default()).collect();
+    assert_eq!(sent, ["first", "first", "second"], "job-2 from the cache, job-3 read again");
+    app.stop().await;
+}
