@@ -53,14 +53,21 @@ async fn wait_for_executions(rig: &Rig, at_least: usize) {
     wait_until(&format!("{at_least} tools ran"), || async { rig.server.tool_calls().len() >= at_least }).await;
 }
 
-#[tokio::test]
-async fn a_broker_restart_during_2000_jobs_loses_none_and_runs_each_once() {
-    let _serial = serial();
+/// A rig with one worker busy on `JOBS` jobs, a quarter of them run: the moment to strike.
+/// Returns the rig and the worker's index.
+async fn rig_under_load() -> (Rig, usize) {
     let mut rig = Rig::new(McpServer::spawn(Flavor::V1Json).await, &quick(), &[]).await;
     let worker = rig.start_worker("worker").await;
     rig.wait_ready(worker).await;
     rig.publish_count_jobs(JOBS).await;
     wait_for_executions(&rig, JOBS / 4).await;
+    (rig, worker)
+}
+
+#[tokio::test]
+async fn a_broker_restart_during_2000_jobs_loses_none_and_runs_each_once() {
+    let _serial = serial();
+    let (mut rig, worker) = rig_under_load().await;
 
     let restart = std::process::Command::new(repo().join("scripts/services")).args(["restart-broker", "3"]).status();
     assert!(restart.unwrap().success(), "scripts/services restart-broker failed");
@@ -77,11 +84,7 @@ async fn a_broker_restart_during_2000_jobs_loses_none_and_runs_each_once() {
 #[tokio::test]
 async fn a_worker_killed_during_2000_jobs_is_replaced_and_no_confirmed_job_runs_again() {
     let _serial = serial();
-    let mut rig = Rig::new(McpServer::spawn(Flavor::V1Json).await, &quick(), &[]).await;
-    let first = rig.start_worker("worker").await;
-    rig.wait_ready(first).await;
-    rig.publish_count_jobs(JOBS).await;
-    wait_for_executions(&rig, JOBS / 4).await;
+    let (mut rig, first) = rig_under_load().await;
 
     rig.kill_worker(first);
     // Every reply in the queue now was confirmed before the kill: the worker cannot publish more.
