@@ -58,6 +58,16 @@ enum Command {
     /// Manage stored tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the effective configuration (all layers) and print it, secrets redacted. An
+    /// invalid configuration exits 2 with the offending key named.
+    Check,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -134,6 +144,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             }
         }
         Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,
+        Command::Config(ConfigCommand::Check) => {
+            // `Secret` values print as [redacted] in Debug output, so this is safe to share.
+            println!("{settings:#?}");
+            println!("configuration is valid");
+        }
         Command::Tokens(TokensCommand::Reencrypt) => {
             let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
             let store = Store::connect(&settings.mongodb).await?;
