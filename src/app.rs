@@ -254,3 +254,9 @@ pub async fn migrate(settings: &Settings) -> Result<Vec<(String, MigrationStatus
     let store = Store::connect(&settings.mongodb).await?;
     Ok(store.migrate(&embedded_migrations()?).await?)
 }
+
+/// Reports the embedded migrations as applied or pending, applying nothing.
+pub async fn check_migrations(settings: &Settings) -> Result<Vec<(String, MigrationStatus)>, AppError> {
+    let store = Store::connect(&settings.mongodb).await?;
+    Ok(store.migration_status(&embedded_migrations()?).await?)
+}

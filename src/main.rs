@@ -38,7 +38,12 @@ enum Command {
         roles: Vec<Role>,
     },
     /// Apply the database migrations (indexes); safe to repeat.
-    Migrate,
+    Migrate {
+        /// Apply nothing: list each migration as applied or pending, and exit 1 if any is
+        /// pending (e.g. before rolling out a version that needs them).
+        #[arg(long)]
+        check: bool,
+    },
     /// Publish one tool-call job, wait for its reply and print it. Exit code: 0 for an ok reply,
     /// 3 for an error reply, 1 when no reply came.
     Call {
@@ -138,9 +143,18 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             app.run(shutdown).await?;
         }
-        Command::Migrate => {
+        Command::Migrate { check: false } => {
             for (id, status) in app::migrate(&settings).await? {
                 println!("{id}: {status:?}");
+            }
+        }
+        Command::Migrate { check: true } => {
+            let report = app::check_migrations(&settings).await?;
+            for (id, status) in &report {
+                println!("{id}: {status:?}");
+            }
+            if report.iter().any(|(_, status)| *status == mcp_worker::store::MigrationStatus::Pending) {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,

@@ -50,6 +50,8 @@ struct MigrationRecord {
 pub enum MigrationStatus {
     Applied,
     AlreadyApplied,
+    /// Not applied yet (reported by a check, which applies nothing).
+    Pending,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,9 +102,12 @@ pub fn embedded_migrations() -> Result<Vec<Migration>, MigrationError> {
     embedded::EMBEDDED.iter().map(|(name, contents)| Migration::parse(name, contents)).collect()
 }
 
+/// Applies the migrations not applied yet, in order; with `check_only`, applies nothing and
+/// reports those as pending. Either way a recorded migration that changed or vanished is an error.
 pub(super) async fn apply(
     db: &Database,
     migrations: &[Migration],
+    check_only: bool,
 ) -> Result<Vec<(String, MigrationStatus)>, MigrationError> {
     let records: Collection<MigrationRecord> = db.collection(MIGRATIONS_COLLECTION);
     let mut applied = Vec::new();
@@ -116,6 +121,10 @@ pub(super) async fn apply(
     for migration in migrations {
         if applied.iter().any(|r| r.id == migration.id) {
             report.push((migration.id.clone(), MigrationStatus::AlreadyApplied));
+            continue;
+        }
+        if check_only {
+            report.push((migration.id.clone(), MigrationStatus::Pending));
             continue;
         }
         for command in &migration.commands {

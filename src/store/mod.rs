@@ -101,6 +101,14 @@ impl Store {
 
     /// Applies the given migrations in order; see [`migrations`] for the rules.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<(String, MigrationStatus)>, MigrationError> {
-        migrations::apply(&self.db, migrations).await
+        migrations::apply(&self.db, migrations, false).await
+    }
+
+    /// Which migrations are applied and which are pending; changes nothing.
+    pub async fn migration_status(
+        &self,
+        migrations: &[Migration],
+    ) -> Result<Vec<(String, MigrationStatus)>, MigrationError> {
+        migrations::apply(&self.db, migrations, true).await
     }
 }

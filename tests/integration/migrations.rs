@@ -88,3 +88,18 @@ async fn migrate_refuses_a_database_with_migrations_this_binary_does_not_know() 
     let err = store.migrate(&embedded_migrations().unwrap()).await.unwrap_err();
     assert!(matches!(err, MigrationError::UnknownApplied { ref id } if id == "0009_future"), "{err}");
 }
+
+#[tokio::test]
+async fn a_check_reports_pending_migrations_and_applies_nothing() {
+    let (store, db) = fresh_store().await;
+    let migrations = embedded_migrations().unwrap();
+
+    let before = store.migration_status(&migrations).await.unwrap();
+    assert!(before.iter().all(|(_, status)| *status == MigrationStatus::Pending), "{before:?}");
+    assert!(db.list_collection_names().await.unwrap().is_empty(), "the check created something");
+
+    store.migrate(&migrations[..1]).await.unwrap();
+    let after = store.migration_status(&migrations).await.unwrap();
+    assert_eq!(after[0].1, MigrationStatus::AlreadyApplied);
+    assert!(after[1..].iter().all(|(_, status)| *status == MigrationStatus::Pending), "{after:?}");
+}
