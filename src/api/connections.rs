@@ -10,7 +10,6 @@ use serde::Serialize;
 
 use super::{ApiState, problem};
 use crate::messages::TokenEventKind;
-use crate::store::TokenStatus;
 
 #[derive(Serialize)]
 pub(super) struct ConnectionStatus {
@@ -39,10 +38,7 @@ pub(super) async fn status(
             .into_response(),
         Ok(Some(token)) => Json(ConnectionStatus {
             connected: true,
-            status: Some(match token.status {
-                TokenStatus::Active => "active",
-                TokenStatus::ReauthRequired => "reauth_required",
-            }),
+            status: Some(token.status.as_str()),
             expires_at: Some(token.expires_at),
             updated_at: Some(token.updated_at),
         })

@@ -4,13 +4,12 @@
 //! channel in confirm mode for publishing. [`Broker::supervise`] watches the link and, when the
 //! connection drops (broker restart, network, missed heartbeats), connects again with
 //! exponential backoff and jitter, declares the topology again, and bumps the link's generation.
-//! Consumers that lose their stream wait for a newer generation ([`Broker::recover`]) and consume
-//! again; publishers always use the current link.
+//! Consumers take deliveries through [`Broker::next`], which, when their stream is lost, waits
+//! for a newer generation and consumes again; publishers always use the current link.
 //!
 //! Deliveries taken on a lost link cannot be acked any more: the broker has already requeued
 //! them, and they come back on the new link. That is what keeps jobs from being lost.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Jobs, Publisher, QueueError, Topology};
+use super::{Delivery, Jobs, Publisher, QueueError, Topology};
 use crate::secret::Secret;
 
 /// How often the supervisor looks at the connection's state.
@@ -51,7 +50,6 @@ pub(super) struct Shared {
     topology: Option<Topology>,
     link: RwLock<Link>,
     generation: watch::Sender<u64>,
-    reconnects: AtomicU64,
 }
 
 impl Shared {
@@ -84,7 +82,6 @@ impl Broker {
             topology,
             link: RwLock::new(link),
             generation: watch::Sender::new(0),
-            reconnects: AtomicU64::new(0),
         };
         Ok(Self { shared: Arc::new(shared) })
     }
@@ -105,9 +102,29 @@ impl Broker {
         Publisher::new(self.shared.clone())
     }
 
-    /// After `lost` ended (its channel or connection is gone): waits for a newer link and
-    /// consumes the same queue on it. `None` once `shutdown` fires first.
-    pub async fn resume(&self, lost: &Jobs, shutdown: &CancellationToken) -> Option<Jobs> {
+    /// The next delivery of `jobs`. When their consumer is lost (channel or connection gone), it
+    /// waits for the next link and consumes the same queue again. `None` once `shutdown` fires.
+    pub async fn next(&self, jobs: &mut Jobs, shutdown: &CancellationToken) -> Option<Delivery> {
+        loop {
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                delivery = jobs.next() => delivery,
+            };
+            match delivery {
+                Some(Ok(delivery)) => return Some(delivery),
+                lost => {
+                    let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
+                    tracing::warn!(reason, queue = %jobs.queue, "lost a consumer; resuming once RabbitMQ is back");
+                    *jobs = self.resume(jobs, shutdown).await?;
+                    tracing::info!(queue = %jobs.queue, "consuming again");
+                }
+            }
+        }
+    }
+
+    /// After `lost` ended: waits for a newer link and consumes the same queue on it. `None` once
+    /// `shutdown` fires first.
+    async fn resume(&self, lost: &Jobs, shutdown: &CancellationToken) -> Option<Jobs> {
         let mut generation = lost.generation;
         loop {
             let link = self.shared.link();
@@ -166,7 +183,6 @@ impl Broker {
             };
             let generation = link.generation;
             *self.shared.link.write().expect("the link lock is never poisoned") = link;
-            self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
             self.shared.generation.send_replace(generation);
             tracing::info!(generation, "reconnected to RabbitMQ; topology declared again");
         }
@@ -175,11 +191,6 @@ impl Broker {
     /// Whether the current link is up (and so its topology declared), for readiness.
     pub fn is_connected(&self) -> bool {
         self.shared.link().is_up()
-    }
-
-    /// How many times the connection was re-established since start.
-    pub fn reconnects(&self) -> u64 {
-        self.shared.reconnects.load(Ordering::Relaxed)
     }
 
     pub async fn close(&self) {

@@ -41,15 +41,16 @@ impl From<lapin::Error> for QueueError {
 pub struct Jobs {
     channel: Channel,
     consumer: lapin::Consumer,
-    /// The link it came from, and what it consumes: [`Broker::resume`] consumes it again.
+    /// The link it came from, and what it consumes: [`Broker::next`] consumes it again after a loss.
     generation: u64,
     queue: String,
     prefetch: u16,
 }
 
 impl Jobs {
-    /// The next delivery; `None` once the consumer is cancelled or the channel is closed.
-    pub async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
+    /// The next delivery; `None` once the consumer is cancelled or the channel is closed. Others
+    /// go through [`Broker::next`], which resumes a lost consumer.
+    pub(super) async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
         let delivery = self.consumer.next().await?;
         Some(delivery.map(Delivery::from).map_err(QueueError::from))
     }

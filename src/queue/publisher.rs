@@ -143,15 +143,17 @@ impl Publisher {
         resend: Resend,
     ) -> Result<Published, QueueError> {
         let link = self.shared.link();
-        match self.publish_on(&link.publisher, queue, body, properties.clone()).await {
-            Err(QueueError::Channel(e)) if resend == Resend::Yes => {
+        // Only a publish that may be sent again keeps a copy of its properties.
+        let again = (resend == Resend::Yes).then(|| properties.clone());
+        match (self.publish_on(&link.publisher, queue, body, properties).await, again) {
+            (Err(QueueError::Channel(e)), Some(properties)) => {
                 tracing::warn!(error = %e, "publish not confirmed; sending it again once reconnected");
                 if !self.shared.newer_than(link.generation, RESEND_WINDOW).await {
                     return Err(QueueError::Disconnected);
                 }
                 self.publish_on(&self.shared.link().publisher, queue, body, properties).await
             }
-            outcome => outcome,
+            (outcome, _) => outcome,
         }
     }
 

@@ -152,22 +152,7 @@ impl Refresher {
     /// on the broker's next link.
     async fn serve_requests(&self, broker: &Broker, mut requests: Jobs, shutdown: &CancellationToken) {
         loop {
-            let delivery = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                delivery = requests.next() => delivery,
-            };
-            let delivery = match delivery {
-                Some(Ok(delivery)) => delivery,
-                lost => {
-                    let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
-                    tracing::warn!(reason, "lost the refresh request consumer; resuming once RabbitMQ is back");
-                    match broker.resume(&requests, shutdown).await {
-                        Some(resumed) => requests = resumed,
-                        None => return,
-                    }
-                    continue;
-                }
-            };
+            let Some(delivery) = broker.next(&mut requests, shutdown).await else { return };
             match serde_json::from_slice::<RefreshRequest>(&delivery.body) {
                 Ok(request) if request.provider == self.oauth.provider() => {
                     if let Err(e) = self.refresh_user(&request.user_id, request.needed_until).await {

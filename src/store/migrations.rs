@@ -13,12 +13,13 @@ use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::is_duplicate_key;
+
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 }
 
 const MIGRATIONS_COLLECTION: &str = "_migrations";
-const DUPLICATE_KEY: i32 = 11000;
 
 #[derive(Debug, Clone)]
 pub struct Migration {
@@ -166,13 +167,6 @@ fn check_applied(applied: &[MigrationRecord], migrations: &[Migration]) -> Resul
         }
     }
     Ok(())
-}
-
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    matches!(
-        &*error.kind,
-        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY
-    )
 }
 
 #[cfg(test)]

@@ -61,6 +61,19 @@ impl From<mongodb::error::Error> for StoreError {
     }
 }
 
+/// MongoDB's code for a write that broke a unique index.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// Whether a write failed on a unique index (the document exists already).
+fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match &*error.kind {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
+        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: Database,

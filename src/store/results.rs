@@ -19,13 +19,12 @@ use chrono::{DateTime, Utc};
 use mongodb::Database;
 use mongodb::bson::{Bson, Document, doc};
 
-use super::StoreError;
 use super::batch::Batcher;
 use super::tokens::bson_date;
+use super::{DUPLICATE_KEY, StoreError, is_duplicate_key};
 
 const CLAIMS: &str = "job_results";
 const REPLIES: &str = "job_replies";
-const DUPLICATE_KEY: i32 = 11000;
 
 /// What a delivery may do with its job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,15 +152,6 @@ fn taken_or_held(result: Result<mongodb::results::UpdateResult, mongodb::error::
         Ok(_) => Ok(true),
         Err(e) if is_duplicate_key(&e) => Ok(false),
         Err(e) => Err(e.into()),
-    }
-}
-
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    match &*error.kind {
-        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
-        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
-        _ => false,
     }
 }
 

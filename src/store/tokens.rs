@@ -27,7 +27,7 @@ pub enum TokenStatus {
 }
 
 impl TokenStatus {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             TokenStatus::Active => "active",
             TokenStatus::ReauthRequired => "reauth_required",

@@ -41,6 +41,8 @@ pub(super) enum Disposition {
 #[derive(Debug, Clone)]
 pub(super) struct Record {
     pub job_id: String,
+    /// When the recorded reply may be forgotten (`worker.results_ttl_secs` from now).
+    pub expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone)]
@@ -150,7 +152,11 @@ impl Worker {
                             );
                             Disposition::Retry { level, claim: owner }
                         }
-                        None => Disposition::Reply { to, reply, record: Some(Record { job_id: job.job_id.clone() }) },
+                        None => Disposition::Reply {
+                            to,
+                            reply,
+                            record: Some(Record { job_id: job.job_id.clone(), expires_at }),
+                        },
                     }
                 }
                 Ran::StoreUnavailable => wait_unless_late(&job, to, Utc::now(), Some(owner)),

@@ -80,7 +80,7 @@ impl Worker {
 
     /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
     /// grace period. A lost consumer is resumed on the broker's next link; jobs in flight then
-    /// finish, but their deliveries can no longer be acked and come back (see [`Broker::resume`]).
+    /// finish, but their deliveries can no longer be acked and come back (see [`Broker::next`]).
     pub async fn run(self: Arc<Self>, broker: Broker, mut jobs: Jobs, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut in_flight = JoinSet::new();
@@ -91,28 +91,12 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             };
-            let delivery = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                delivery = jobs.next() => delivery,
-            };
-            match delivery {
-                Some(Ok(delivery)) => {
-                    let worker = self.clone();
-                    in_flight.spawn(async move {
-                        worker.handle(delivery).await;
-                        drop(slot);
-                    });
-                }
-                lost => {
-                    let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
-                    tracing::warn!(reason, "lost the job consumer; resuming once RabbitMQ is back");
-                    match broker.resume(&jobs, &shutdown).await {
-                        Some(resumed) => jobs = resumed,
-                        None => break,
-                    }
-                    tracing::info!("consuming jobs again");
-                }
-            }
+            let Some(delivery) = broker.next(&mut jobs, &shutdown).await else { break };
+            let worker = self.clone();
+            in_flight.spawn(async move {
+                worker.handle(delivery).await;
+                drop(slot);
+            });
             // Reap finished tasks so the set does not grow with every job ever run.
             while in_flight.try_join_next().is_some() {}
         }
@@ -166,11 +150,9 @@ impl Worker {
         match disposition {
             Disposition::Reply { to, reply, record } => {
                 let body = reply.to_bytes();
-                let now = Utc::now();
-                let expires_at =
-                    now + chrono::Duration::from_std(self.config.results_ttl).unwrap_or(chrono::Duration::MAX);
                 if let Some(record) = record
-                    && let Err(e) = self.store.results().complete(&record.job_id, &body, now, expires_at).await
+                    && let Err(e) =
+                        self.store.results().complete(&record.job_id, &body, Utc::now(), record.expires_at).await
                 {
                     // The reply still goes out and the job is acked, so it is not redelivered; only
                     // a crash before the ack could now run it twice.
