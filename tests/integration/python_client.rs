@@ -1,0 +1,1 @@
+//! The Python client example (`examples/python/`) against a running worker.

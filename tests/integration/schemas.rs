@@ -1,0 +1,1 @@
+//! Real messages the worker produces, validated against the JSON Schemas in `schemas/`.
