@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Calls one tool for one user through mcp-worker and prints the result, or where to send the
+user when they must connect first.
+
+    example.py --user u-42 --tool qlik_whoami [--args '{"k": 1}'] [--timeout 60]
+
+Settings come from options or the environment (options win):
+
+    --amqp-url      MCP_CLIENT_AMQP_URL      default amqp://guest:guest@127.0.0.1:5672/%2f
+    --jobs-queue    MCP_CLIENT_JOBS_QUEUE    default mcp.tool_calls
+    --api-url       MCP_CLIENT_API_URL       default http://127.0.0.1:8080
+    (no option)     MCP_CLIENT_SERVICE_KEY   required: the worker's http.service_key; only read
+                                             from the environment, so it is not in `ps` output
+    --return-to     MCP_CLIENT_RETURN_TO     where the connect flow ends (default: the worker's)
+
+Exit status: 0 the tool ran (its result may still be `isError: true`), 2 the user must connect
+(the URL is printed), 3 another error reply, 1 no answer or no broker.
+
+Against `scripts/run --keep`: MCP_CLIENT_SERVICE_KEY=dev-service-key example.py --user demo-user
+--tool qlik_whoami.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+import aio_pika.exceptions
+
+from mcp_worker_client import CallTimeout, McpWorkerClient, McpWorkerError, NeedsConnect, ToolCallFailed
+
+
+def parse_args() -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--user", required=True, help="whose token the call uses")
+    parser.add_argument("--tool", required=True)
+    parser.add_argument("--args", default="{}", help="the tool's arguments, a JSON object")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    parser.add_argument("--amqp-url", default=env("MCP_CLIENT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+    parser.add_argument("--jobs-queue", default=env("MCP_CLIENT_JOBS_QUEUE", "mcp.tool_calls"))
+    parser.add_argument("--api-url", default=env("MCP_CLIENT_API_URL", "http://127.0.0.1:8080"))
+    parser.add_argument("--return-to", default=env("MCP_CLIENT_RETURN_TO"))
+    args = parser.parse_args()
+    try:
+        args.arguments = json.loads(args.args)
+    except ValueError as error:
+        parser.error(f"--args is not JSON: {error}")
+    if not isinstance(args.arguments, dict):
+        parser.error("--args must be a JSON object")
+    args.service_key = env("MCP_CLIENT_SERVICE_KEY")
+    if not args.service_key:
+        parser.error("set MCP_CLIENT_SERVICE_KEY to the worker's http.service_key")
+    return args
+
+
+async def main() -> int:
+    args = parse_args()
+    client = McpWorkerClient(
+        amqp_url=args.amqp_url,
+        api_url=args.api_url,
+        service_key=args.service_key,
+        jobs_queue=args.jobs_queue,
+        return_to=args.return_to,
+    )
+    try:
+        async with client:
+            result = await client.call(args.user, args.tool, args.arguments, timeout=args.timeout)
+    except NeedsConnect as needed:  # NotConnected or ReauthRequired
+        reason = "is not connected" if needed.code == "not_connected" else "must connect again"
+        print(f"{args.user} {reason} ({needed.provider or 'qlik'}): send the user to: {needed.connect_url}")
+        return 2
+    except ToolCallFailed as failed:
+        later = " (retryable: try again later)" if failed.retryable else ""
+        print(f"error reply {failed.code}{later}: {failed.message}", file=sys.stderr)
+        return 3
+    except CallTimeout as timeout:
+        print(f"no answer: {timeout}", file=sys.stderr)
+        return 1
+    except (McpWorkerError, OSError, aio_pika.exceptions.AMQPError) as error:
+        print(f"failed: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
