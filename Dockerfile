@@ -5,8 +5,10 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 COPY config config
 COPY migrations migrations
-# A workspace member: cargo needs its manifest to load the workspace, though the image never runs it.
+# Workspace members: cargo needs them to load the workspace, though the image never runs them.
 COPY tests/oauth_server tests/oauth_server
+COPY bench/Cargo.toml bench/Cargo.toml
+COPY bench/src bench/src
 RUN cargo build --release --locked --bin mcp-worker
 
 FROM debian:bookworm-slim

@@ -1,0 +1,120 @@
+//! `docker-compose.yml` is valid (`docker-compose config`, offline: no Docker engine runs here)
+//! and matches the README's Deploying section: the same services, images, published ports and
+//! worker environment. Needs Debian's `docker-compose` (which brings python3-yaml, used here to
+//! read its output); `scripts/test` installs it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+const README: &str = include_str!("../../README.md");
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `docker-compose config` with `env`: its normalized file as JSON, or its error text.
+fn compose_config(env: &[(&str, &str)]) -> Result<Value, String> {
+    let output = Command::new("docker-compose")
+        .args(["--file", "docker-compose.yml", "config"])
+        .current_dir(repo())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("docker-compose is installed (scripts/test installs Debian's package)");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let mut to_json = Command::new("python3")
+        .args(["-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    std::io::Write::write_all(&mut to_json.stdin.take().unwrap(), &output.stdout).unwrap();
+    let json = to_json.wait_with_output().unwrap();
+    assert!(json.status.success(), "python3-yaml (a docker-compose dependency) could not read the output");
+    Ok(serde_json::from_slice(&json.stdout).unwrap())
+}
+
+/// The rows of the README's Deploying table whose header starts with `first_header`, as cells.
+fn deploying_table(first_header: &str) -> Vec<Vec<String>> {
+    let section = README.split("\n## Deploying\n").nth(1).expect("the README has a Deploying section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut lines = section.lines().skip_while(|l| !l.starts_with(&format!("| {first_header} |")));
+    lines.next().expect("the table is there");
+    lines
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split(" | ").map(|c| c.trim().to_owned()).collect())
+        .collect()
+}
+
+/// The backticked names in a README cell.
+fn quoted(cell: &str) -> Vec<String> {
+    cell.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+fn keys(value: &Value) -> BTreeSet<String> {
+    value.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+}
+
+const SECRETS: &[(&str, &str)] =
+    &[("MCP_WORKER_ENCRYPTION_KEY", "validation-only"), ("MCP_WORKER_SERVICE_KEY", "validation-only")];
+
+#[test]
+fn the_compose_file_is_valid_and_refuses_to_start_without_its_secrets() {
+    compose_config(SECRETS).expect("docker-compose config passes");
+    let missing = compose_config(&SECRETS[1..]).expect_err("the encryption key is required");
+    assert!(missing.contains("MCP_WORKER_ENCRYPTION_KEY"), "{missing}");
+    let missing = compose_config(&SECRETS[..1]).expect_err("the service key is required");
+    assert!(missing.contains("MCP_WORKER_SERVICE_KEY"), "{missing}");
+}
+
+#[test]
+fn services_images_and_ports_are_the_ones_the_readme_documents() {
+    let config = compose_config(SECRETS).expect("docker-compose config passes");
+    let services = &config["services"];
+    let rows = deploying_table("service");
+    let documented: BTreeSet<String> = rows.iter().map(|row| quoted(&row[0]).join("")).collect();
+    assert_eq!(documented, keys(services), "the README's services are the compose file's");
+
+    for row in &rows {
+        let name = quoted(&row[0]).join("");
+        let service = &services[&name];
+        let source = match (&service["image"], &service["build"]) {
+            (Value::String(image), _) => image.clone(),
+            (_, build) => build["dockerfile"].as_str().unwrap_or("Dockerfile").to_owned(),
+        };
+        assert!(quoted(&row[1]).contains(&source), "{name}: the README says {:?}, the file {source}", row[1]);
+        let ports: BTreeSet<String> = service["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_str().unwrap().trim_end_matches("/tcp").to_owned())
+            .collect();
+        let documented: BTreeSet<String> = quoted(&row[2]).into_iter().collect();
+        assert_eq!(documented, ports, "{name}: published ports");
+        if let Some(command) = service["command"].as_array() {
+            let command = command.iter().map(|c| c.as_str().unwrap()).collect::<Vec<_>>().join(" ");
+            assert!(row[1].contains(&format!("command `{command}`")), "{name}: command {command}");
+        }
+        for variable in keys(&service["environment"]).iter().filter(|v| v.starts_with("RABBITMQ_")) {
+            assert!(row[3].contains(variable.as_str()), "{name}: {variable} is not documented");
+        }
+        assert!(!service["healthcheck"].is_null() || !["mongodb", "rabbitmq"].contains(&name.as_str()));
+    }
+}
+
+#[test]
+fn the_worker_environment_is_the_one_the_readme_documents() {
+    let config = compose_config(SECRETS).expect("docker-compose config passes");
+    let worker = keys(&config["services"]["worker"]["environment"]);
+    assert_eq!(worker, keys(&config["services"]["migrate"]["environment"]), "migrate runs with the worker's settings");
+    let documented: BTreeSet<String> =
+        deploying_table("variable").iter().flat_map(|row| quoted(&row[0])).filter(|v| v.starts_with("MCP_")).collect();
+    assert_eq!(documented, worker, "the README's worker variables are the compose file's");
+}
