@@ -3,7 +3,8 @@
 //! [`App::build`] connects to MongoDB and RabbitMQ, declares the topology, starts consuming and
 //! binds the HTTP listener, so when it returns the process is ready; [`App::run`] serves until the
 //! shutdown token fires or a part fails. Each role (worker, refresher, API) can be switched off
-//! so they can scale apart. Tests use the same two steps with settings of their own.
+//! so they can scale apart; every process, whatever its roles, serves `/healthz`, `/readyz` and
+//! `/metrics` on `http.listen`. Tests use the same two steps with settings of their own.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use crate::config::{ConfigError, Settings};
 use crate::crypto::TokenCipher;
 use crate::events::Events;
 use crate::mcp::{McpCallError, McpClients};
+use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::provider::Provider;
 use crate::queue::{Broker, Jobs, QueueError, Topology};
@@ -43,7 +45,7 @@ pub enum AppError {
     Api(#[from] std::io::Error),
 }
 
-/// Which parts a process runs.
+/// Which parts a process runs. The health and metrics endpoints are served whatever the roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roles {
     pub worker: bool,
@@ -61,13 +63,17 @@ pub struct App {
     broker: Broker,
     worker: Option<(Arc<Worker>, Jobs)>,
     refresher: Option<(Arc<Refresher>, Jobs)>,
-    api: Option<(tokio::net::TcpListener, Arc<ApiState>)>,
+    http: (tokio::net::TcpListener, Arc<ApiState>),
+    /// Whether the connect, disconnect and status endpoints are served (the `api` role).
+    connections: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
     pub async fn build(settings: &Settings, roles: Roles) -> Result<Self, AppError> {
         let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
         let registry = Arc::new(Registry::from_settings(&settings.mcp)?);
+        let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&settings.mongodb).await?;
         store.ping().await?;
         let broker = Broker::connect(&settings.amqp.url, "mcp-worker", Some(topology(settings))).await?;
@@ -120,7 +126,15 @@ impl App {
                     })
                     .collect(),
             };
-            let worker = Worker::new(config, registry.clone(), store.clone(), cipher.clone(), mcp, publisher.clone());
+            let worker = Worker::new(
+                config,
+                registry.clone(),
+                store.clone(),
+                cipher.clone(),
+                mcp,
+                publisher.clone(),
+                metrics.clone(),
+            );
             let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;
             Some((Arc::new(worker), jobs))
         } else {
@@ -141,48 +155,39 @@ impl App {
                     rate_per_minute: provider.rate_limit_per_minute,
                 };
                 let tokens = store.tokens(Provider::Qlik, &cipher);
-                let refresher = Refresher::new(tokens, client.clone(), events.clone(), config);
+                let refresher = Refresher::new(tokens, client.clone(), events.clone(), config, metrics.clone());
                 let requests = broker.consume(&settings.amqp.refresh_queue, 16).await?;
                 Some((Arc::new(refresher), requests))
             }
             _ => None,
         };
 
-        let api = if roles.api {
-            let listener = tokio::net::TcpListener::bind(settings.http.listen).await?;
-            let state = ApiState {
-                store: store.clone(),
-                cipher: cipher.clone(),
-                oauth,
-                events: events.clone(),
-                broker: broker.clone(),
-                service_key: settings.http.service_key.clone(),
-                default_return_to: settings.http.default_return_to.clone(),
-                return_to_allowlist: settings
-                    .http
-                    .return_to_allowlist
-                    .iter()
-                    .filter_map(|u| reqwest::Url::parse(u).ok())
-                    .collect(),
-                state_ttl: chrono::Duration::seconds(i64::try_from(settings.http.state_ttl_secs).unwrap_or(i64::MAX)),
-            };
-            tracing::info!(listen = %listener.local_addr()?, "HTTP API ready");
-            Some((listener, Arc::new(state)))
-        } else {
-            None
+        let listener = tokio::net::TcpListener::bind(settings.http.listen).await?;
+        let state = ApiState {
+            store: store.clone(),
+            cipher: cipher.clone(),
+            oauth,
+            events: events.clone(),
+            broker: broker.clone(),
+            metrics: metrics.clone(),
+            service_key: settings.http.service_key.clone(),
+            default_return_to: settings.http.default_return_to.clone(),
+            return_to_allowlist: settings
+                .http
+                .return_to_allowlist
+                .iter()
+                .filter_map(|u| reqwest::Url::parse(u).ok())
+                .collect(),
+            state_ttl: chrono::Duration::seconds(i64::try_from(settings.http.state_ttl_secs).unwrap_or(i64::MAX)),
         };
-        tracing::info!(
-            worker = worker.is_some(),
-            refresher = refresher.is_some(),
-            api = api.is_some(),
-            "mcp-worker ready"
-        );
-        Ok(Self { broker, worker, refresher, api })
+        tracing::info!(listen = %listener.local_addr()?, connections = roles.api, "HTTP listener ready");
+        tracing::info!(worker = worker.is_some(), refresher = refresher.is_some(), api = roles.api, "mcp-worker ready");
+        Ok(Self { broker, worker, refresher, http: (listener, Arc::new(state)), connections: roles.api, metrics })
     }
 
-    /// Where the HTTP API listens, when it runs (useful with port 0).
-    pub fn api_addr(&self) -> Option<SocketAddr> {
-        self.api.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
+    /// Where the HTTP listener is bound (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.0.local_addr().expect("a bound listener has an address")
     }
 
     /// Runs every role until `shutdown`; if one stops with an error, the others are stopped too
@@ -194,8 +199,8 @@ impl App {
         // period may need the connection back.
         let supervision = CancellationToken::new();
         let supervisor = tokio::spawn({
-            let (broker, supervision) = (self.broker.clone(), supervision.clone());
-            async move { broker.supervise(supervision).await }
+            let (broker, supervision, metrics) = (self.broker.clone(), supervision.clone(), self.metrics.clone());
+            async move { broker.supervise(supervision, || metrics.reconnected()).await }
         });
         if let Some((worker, jobs)) = self.worker {
             let (stop, broker) = (stop.clone(), self.broker.clone());
@@ -208,9 +213,14 @@ impl App {
             let (stop, broker) = (stop.clone(), self.broker.clone());
             parts.spawn(async move { refresher.run(broker, requests, stop).await.map_err(AppError::from) });
         }
-        if let Some((listener, state)) = self.api {
-            let stop = stop.clone();
-            parts.spawn(async move { api::serve(listener, state, stop).await.map_err(AppError::from) });
+        // A process left with no role (e.g. `--roles refresher` without a provider) has nothing
+        // to report on: it exits at once rather than serving probes for idleness.
+        if !parts.is_empty() || self.connections {
+            let (listener, state) = self.http;
+            let (connections, http_stop) = (self.connections, stop.clone());
+            parts.spawn(async move {
+                api::serve(listener, state, connections, http_stop).await.map_err(AppError::from)
+            });
         }
         let mut result = Ok(());
         while let Some(joined) = parts.join_next().await {

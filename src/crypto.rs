@@ -5,6 +5,9 @@
 //! the active key changes (rotation re-seals them, see `mcp-worker tokens reencrypt`). The caller
 //! passes a context (collection, user, field) as associated data, so a ciphertext copied into
 //! another user's document or another field does not decrypt.
+//!
+//! The ring also derives, from the active key, the key of [`TokenCipher::pseudonym`]: the form
+//! in which a user id may appear in logs.
 
 use std::collections::BTreeMap;
 
@@ -12,12 +15,18 @@ use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
 
 use crate::config::{ConfigError, EncryptionSettings};
 use crate::secret::Secret;
 
 const FORMAT: &str = "v1";
 const NONCE_LEN: usize = 12;
+/// Separates the pseudonym key from any other use of the encryption key.
+const PSEUDONYM_LABEL: &str = "mcp-worker log pseudonym v1";
+/// Hex digits of a pseudonym: 64 bits, enough to tell users apart in logs.
+const PSEUDONYM_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
@@ -33,6 +42,9 @@ pub enum CryptoError {
 pub struct KeyRing {
     active: String,
     keys: BTreeMap<String, Aes256Gcm>,
+    /// HMAC key of log pseudonyms, derived from the active key (so it is as secret as that key
+    /// and needs no setting of its own).
+    pseudonym_key: [u8; 32],
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -55,7 +67,9 @@ impl KeyRing {
         if settings.keys.is_empty() && settings.active_key.is_empty() {
             return Ok(None);
         }
+        let active = settings.active_key.to_ascii_lowercase();
         let mut keys = BTreeMap::new();
+        let mut pseudonym_key = None;
         for (id, encoded) in &settings.keys {
             let key = format!("encryption.keys.{id}");
             if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -68,13 +82,16 @@ impl KeyRing {
                 return Err(invalid(key, "must be 32 bytes (256 bits) once base64-decoded"));
             }
             // Ids compare lower-case: keys set through the environment arrive lower-cased.
-            keys.insert(id.to_ascii_lowercase(), Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)));
+            let id = id.to_ascii_lowercase();
+            if id == active {
+                pseudonym_key = Some(hmac_sha256(&bytes, PSEUDONYM_LABEL.as_bytes()));
+            }
+            keys.insert(id, Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)));
         }
-        let active = settings.active_key.to_ascii_lowercase();
-        if !keys.contains_key(&active) {
+        let Some(pseudonym_key) = pseudonym_key else {
             return Err(invalid("encryption.active_key".into(), "must name one of the keys in `encryption.keys`"));
-        }
-        Ok(Some(Self { active, keys }))
+        };
+        Ok(Some(Self { active, keys, pseudonym_key }))
     }
 
     pub fn active_key(&self) -> &str {
@@ -112,6 +129,16 @@ impl KeyRing {
     }
 }
 
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()[..PSEUDONYM_LEN].to_owned()
+}
+
 fn parse(sealed: &str) -> Option<(&str, &str)> {
     let rest = sealed.strip_prefix(FORMAT)?.strip_prefix('.')?;
     rest.split_once('.')
@@ -140,6 +167,16 @@ impl TokenCipher {
         match self {
             TokenCipher::Sealed(ring) => ring.seal(plaintext.expose(), context),
             TokenCipher::Plaintext => plaintext.expose().clone(),
+        }
+    }
+
+    /// The form of `user_id` that may be logged: the same for the same user (while the active
+    /// key stays), and not reversible without the key. Without keys (plaintext development mode)
+    /// it is an unkeyed hash, which anyone who can guess the id can match.
+    pub fn pseudonym(&self, user_id: &str) -> String {
+        match self {
+            TokenCipher::Sealed(ring) => hex_prefix(&hmac_sha256(&ring.pseudonym_key, user_id.as_bytes())),
+            TokenCipher::Plaintext => hex_prefix(&Sha256::digest(user_id.as_bytes())),
         }
     }
 
@@ -224,6 +261,19 @@ mod tests {
         let cipher = TokenCipher::from_settings(&settings).unwrap();
         assert_eq!(cipher.seal(&Secret::new("t".into()), "c"), "t");
         assert!(cipher.open(&ring("k1", &[("k1", 1)]).seal("t", "c"), "c").is_err(), "sealed values need a key");
+    }
+
+    #[test]
+    fn a_pseudonym_is_stable_per_key_and_reveals_nothing_of_the_id() {
+        let sealed = TokenCipher::Sealed(ring("k1", &[("k1", 1)]));
+        let pseudonym = sealed.pseudonym("alice@example.com");
+        assert_eq!(pseudonym.len(), PSEUDONYM_LEN);
+        assert!(pseudonym.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(sealed.pseudonym("alice@example.com"), pseudonym);
+        assert_ne!(sealed.pseudonym("bob@example.com"), pseudonym);
+        // Another key gives another pseudonym: without the key, a guessed id cannot be matched.
+        assert_ne!(TokenCipher::Sealed(ring("k2", &[("k2", 2)])).pseudonym("alice@example.com"), pseudonym);
+        assert_ne!(TokenCipher::Plaintext.pseudonym("alice@example.com"), pseudonym);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod events;
 pub mod job;
 pub mod mcp;
 pub mod messages;
+pub mod metrics;
 pub mod oauth;
 pub mod provider;
 pub mod queue;

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use mcp_worker::app::{self, App, Roles};
 use mcp_worker::config::Settings;
 use mcp_worker::crypto::TokenCipher;
+use mcp_worker::messages::ConnectionStatus;
 use mcp_worker::provider::Provider;
 use mcp_worker::queue::Broker;
 use mcp_worker::secret::Secret;
@@ -87,6 +88,13 @@ enum Role {
 
 #[derive(Subcommand)]
 enum TokensCommand {
+    /// Print a user's connection as JSON (connected, status, expires_at, updated_at; never a
+    /// token). Exit code: 0 when jobs can use the token, 3 when the user is not connected or
+    /// must reconnect (reauth_required).
+    Status {
+        #[arg(long)]
+        user: String,
+    },
     /// Re-encrypt every stored token under encryption.active_key (after adding a new key). Safe
     /// to run while workers run; values already under the active key are left alone.
     Reencrypt,
@@ -162,6 +170,16 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             // `Secret` values print as [redacted] in Debug output, so this is safe to share.
             println!("{settings:#?}");
             println!("configuration is valid");
+        }
+        Command::Tokens(TokensCommand::Status { user }) => {
+            let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
+            let store = Store::connect(&settings.mongodb).await?;
+            let token = store.tokens(Provider::Qlik, &cipher).get(&user).await?;
+            let status = ConnectionStatus::of(token.as_ref());
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            if !status.usable() {
+                return Ok(ExitCode::from(3));
+            }
         }
         Command::Tokens(TokensCommand::Reencrypt) => {
             let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);

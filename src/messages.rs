@@ -1,10 +1,12 @@
-//! Wire formats v1 of the service's other messages: token events for the rest of the product, and
-//! the worker's request to the refresher. (Jobs and replies are in [`crate::job`].)
+//! Wire formats v1 of the service's other messages: token events for the rest of the product, the
+//! worker's request to the refresher, and a user's connection status (the HTTP API's and
+//! `mcp-worker tokens status`'s answer). (Jobs and replies are in [`crate::job`].)
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::provider::Provider;
+use crate::store::{StoredToken, TokenStatus};
 
 /// Routing keys of [`TokenEvent`] on the events exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,4 +43,33 @@ pub struct RefreshRequest {
     pub provider: Provider,
     pub user_id: String,
     pub needed_until: DateTime<Utc>,
+}
+
+/// A user's connection as the chat backend sees it: never a token value.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionStatus {
+    pub connected: bool,
+    /// `active` or `reauth_required`, when connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl ConnectionStatus {
+    pub fn of(token: Option<&StoredToken>) -> Self {
+        Self {
+            connected: token.is_some(),
+            status: token.map(|t| t.status.as_str()),
+            expires_at: token.map(|t| t.expires_at),
+            updated_at: token.map(|t| t.updated_at),
+        }
+    }
+
+    /// Whether jobs for this user can get a token: connected and not waiting for reauthorization.
+    pub fn usable(&self) -> bool {
+        self.status == Some(TokenStatus::Active.as_str())
+    }
 }

@@ -6,21 +6,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 use super::{ApiState, problem};
-use crate::messages::TokenEventKind;
-
-#[derive(Serialize)]
-pub(super) struct ConnectionStatus {
-    connected: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_at: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    updated_at: Option<chrono::DateTime<chrono::Utc>>,
-}
+use crate::messages::{ConnectionStatus, TokenEventKind};
 
 /// `GET /v1/connections/{provider}/{user_id}`: never includes a token value.
 #[tracing::instrument(skip_all)]
@@ -34,15 +22,7 @@ pub(super) async fn status(
         Err(response) => return response,
     };
     match api.store.tokens(provider, &api.cipher).get(&user_id).await {
-        Ok(None) => Json(ConnectionStatus { connected: false, status: None, expires_at: None, updated_at: None })
-            .into_response(),
-        Ok(Some(token)) => Json(ConnectionStatus {
-            connected: true,
-            status: Some(token.status.as_str()),
-            expires_at: Some(token.expires_at),
-            updated_at: Some(token.updated_at),
-        })
-        .into_response(),
+        Ok(token) => Json(ConnectionStatus::of(token.as_ref())).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "could not read a connection");
             problem(StatusCode::SERVICE_UNAVAILABLE, "the database is unavailable")

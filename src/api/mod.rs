@@ -1,4 +1,5 @@
-//! The HTTP API (axum): the OAuth connect flow, disconnect, connection status, and health.
+//! The HTTP API (axum): the OAuth connect flow, disconnect and connection status (the `api`
+//! role), and on every process health, readiness and the Prometheus metrics.
 //!
 //! Internal endpoints (called by the chat backend) require `Authorization: Bearer <http.service_key>`,
 //! compared in constant time; the callback is public because the user's browser lands on it.
@@ -6,6 +7,7 @@
 mod connect;
 mod connections;
 mod health;
+mod metrics;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,30 +34,40 @@ pub struct ApiState {
     pub oauth: HashMap<Provider, Arc<OAuthClient>>,
     pub events: Events,
     pub broker: Broker,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub service_key: Secret<String>,
     pub default_return_to: String,
     pub return_to_allowlist: Vec<reqwest::Url>,
     pub state_ttl: chrono::Duration,
 }
 
-pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/v1/connections/{provider}/authorize", post(connect::authorize))
-        .route("/v1/connections/{provider}/callback", get(connect::callback))
-        .route("/v1/connections/{provider}/{user_id}", get(connections::status).delete(connections::disconnect))
-        .route("/v1/connected", get(connect::landing))
+/// The routes: health, readiness and metrics always; the connection endpoints when
+/// `connections` (the `api` role).
+pub fn router(state: Arc<ApiState>, connections: bool) -> Router {
+    let mut router = Router::new()
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
-        .with_state(state)
+        .route("/metrics", get(metrics::render));
+    if connections {
+        router = router
+            .route("/v1/connections/{provider}/authorize", post(connect::authorize))
+            .route("/v1/connections/{provider}/callback", get(connect::callback))
+            .route("/v1/connections/{provider}/{user_id}", get(connections::status).delete(connections::disconnect))
+            .route("/v1/connected", get(connect::landing));
+    }
+    router.with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown`.
+/// Serves the routes on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
+    connections: bool,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    axum::serve(listener, router(state, connections))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 impl ApiState {

@@ -147,8 +147,9 @@ impl Broker {
         }
     }
 
-    /// Keeps the link up until `shutdown`: reconnects, with backoff, whenever it drops.
-    pub async fn supervise(&self, shutdown: CancellationToken) {
+    /// Keeps the link up until `shutdown`: reconnects, with backoff, whenever it drops, and
+    /// calls `reconnected` each time a new link is up (for the metrics).
+    pub async fn supervise(&self, shutdown: CancellationToken, reconnected: impl Fn()) {
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         loop {
             tokio::select! {
@@ -184,6 +185,7 @@ impl Broker {
             let generation = link.generation;
             *self.shared.link.write().expect("the link lock is never poisoned") = link;
             self.shared.generation.send_replace(generation);
+            reconnected();
             tracing::info!(generation, "reconnected to RabbitMQ; topology declared again");
         }
     }

@@ -26,11 +26,12 @@ use tokio::task::JoinSet;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-pub use policy::{is_due, retry_at};
+pub use policy::{backlog, is_due, retry_at};
 use rate::RateLimiter;
 
 use crate::events::Events;
 use crate::messages::{RefreshRequest, TokenEventKind};
+use crate::metrics::Metrics;
 use crate::oauth::{FailureKind, OAuthClient};
 use crate::queue::{Broker, Jobs};
 use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
@@ -61,6 +62,19 @@ pub enum RefreshOutcome {
     Superseded,
 }
 
+impl RefreshOutcome {
+    /// The outcome's label in the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Refreshed => "refreshed",
+            RefreshOutcome::NotClaimed => "not_claimed",
+            RefreshOutcome::ReauthRequired => "reauth_required",
+            RefreshOutcome::RetryLater => "retry_later",
+            RefreshOutcome::Superseded => "superseded",
+        }
+    }
+}
+
 pub struct Refresher {
     tokens: TokenStore,
     oauth: Arc<OAuthClient>,
@@ -69,11 +83,19 @@ pub struct Refresher {
     owner: String,
     limiter: RateLimiter,
     slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Refresher {
-    pub fn new(tokens: TokenStore, oauth: Arc<OAuthClient>, events: Events, config: RefresherConfig) -> Self {
+    pub fn new(
+        tokens: TokenStore,
+        oauth: Arc<OAuthClient>,
+        events: Events,
+        config: RefresherConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             limiter: RateLimiter::per_minute(config.rate_per_minute),
             slots: Arc::new(Semaphore::new(config.concurrency)),
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
@@ -129,9 +151,14 @@ impl Refresher {
         }
     }
 
-    /// Refreshes every token due at `now`; returns how many were attempted.
+    /// Refreshes every token due at `now`; returns how many were attempted. Counts the backlog
+    /// first, for the metrics.
     pub async fn scan(self: &Arc<Self>, now: DateTime<Utc>) -> Result<usize, StoreError> {
         let until = now + chrono::Duration::from_std(self.config.lead).unwrap_or(chrono::Duration::MAX);
+        match self.tokens.backlog(now, until).await {
+            Ok(counts) => self.metrics.backlog(backlog(now, self.config.lead, counts)),
+            Err(e) => tracing::warn!(error = %e, "could not count the refresh backlog"),
+        }
         let due = self.tokens.due(now, until, self.config.batch).await?;
         let count = due.len();
         let mut running = JoinSet::new();
@@ -189,13 +216,15 @@ impl Refresher {
     /// One claim → refresh → fenced write.
     #[tracing::instrument(skip_all)]
     pub async fn refresh(&self, due: &DueToken) -> RefreshOutcome {
-        match self.try_refresh(due).await {
+        let outcome = match self.try_refresh(due).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::warn!(error = %e, "refresh could not be completed; the lease will lapse and it is retried");
                 RefreshOutcome::RetryLater
             }
-        }
+        };
+        self.metrics.refreshed(outcome.as_str());
+        outcome
     }
 
     async fn try_refresh(&self, due: &DueToken) -> Result<RefreshOutcome, StoreError> {

@@ -19,7 +19,7 @@ use mongodb::{Client, Database};
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
 pub use results::{Claim, ResultStore};
 pub use states::{PendingConnect, StateStore};
-pub use tokens::{ClaimedToken, DueToken, NewTokens, StoredToken, TokenStatus, TokenStore};
+pub use tokens::{ClaimedToken, DueCounts, DueToken, NewTokens, StoredToken, TokenStatus, TokenStore};
 
 use crate::config::MongoSettings;
 use crate::crypto::TokenCipher;

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use super::Worker;
 use super::policy::{self, DeadlinePassed, TokenVerdict};
 use crate::job::{self, ErrorCode, InvalidJob, Job, Reply};
+use crate::metrics::{Deferral, Settled};
 use crate::provider::Provider;
 use crate::queue::Delivery;
 use crate::registry::{CredentialHeader, ServerSpec};
@@ -60,6 +61,18 @@ impl Disposition {
             Disposition::Retry { .. } => "retrying",
             Disposition::Wait { .. } => "waiting",
             Disposition::Defer { .. } => "deferred",
+        }
+    }
+
+    /// How the metrics count this disposition once it is settled.
+    pub(super) fn settled(&self) -> Settled {
+        match self {
+            Disposition::Reply { reply, .. } => Settled::Answered { code: reply.error_code().map(ErrorCode::as_str) },
+            Disposition::DeadLetter { reply, .. } => Settled::DeadLettered { code: reply.outcome() },
+            Disposition::Replay { .. } => Settled::Replayed,
+            Disposition::Retry { .. } => Settled::Deferred(Deferral::Retry),
+            Disposition::Wait { .. } => Settled::Deferred(Deferral::Wait),
+            Disposition::Defer { .. } => Settled::Deferred(Deferral::Token),
         }
     }
 }
@@ -202,10 +215,12 @@ impl Worker {
         let called = std::time::Instant::now();
         let outcome = client.call_tool(&job.tool, job.arguments.clone(), credential, budget.timeout).await;
         *call_time = called.elapsed();
-        Ran::Reply(match outcome {
+        let reply = match outcome {
             Ok(result) => Reply::ok(&job.job_id, result),
             Err(e) => Reply::error(id, policy::error_code(&e, budget), e.to_string()),
-        })
+        };
+        self.metrics.mcp_call(&server.name, reply.outcome(), *call_time);
+        Ran::Reply(reply)
     }
 
     /// The header carrying the user's token, if the server needs one. Never waits on OAuth: a

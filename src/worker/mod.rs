@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::crypto::TokenCipher;
 use crate::mcp::McpClients;
 use crate::messages::RefreshRequest;
+use crate::metrics::Metrics;
 use crate::queue::{Broker, Delivery, Jobs, Published, Publisher, QueueError, Return};
 use crate::registry::Registry;
 use crate::store::Store;
@@ -63,6 +64,7 @@ pub struct Worker {
     mcp: Arc<McpClients>,
     publisher: Publisher,
     tokens: TokenCache,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -73,9 +75,10 @@ impl Worker {
         cipher: Arc<TokenCipher>,
         mcp: Arc<McpClients>,
         publisher: Publisher,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let tokens = TokenCache::new(config.token_cache_ttl);
-        Self { config, registry, store, cipher, mcp, publisher, tokens }
+        Self { config, registry, store, cipher, mcp, publisher, tokens, metrics }
     }
 
     /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
@@ -116,8 +119,10 @@ impl Worker {
     }
 
     /// Runs one delivery to its end: reply published and confirmed, then ack. If the reply cannot
-    /// be confirmed the job is requeued, never acked, so it is not lost.
-    #[tracing::instrument(skip_all, fields(job_id, tool))]
+    /// be confirmed the job is requeued, never acked, so it is not lost. Logs one `job done`
+    /// line at info, with the user as a keyed pseudonym ([`TokenCipher::pseudonym`]), never the
+    /// id itself.
+    #[tracing::instrument(skip_all, fields(job_id, tool, user))]
     async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
         let (job, disposition, call_time) = self.dispose(&delivery, Utc::now()).await;
@@ -125,6 +130,7 @@ impl Worker {
             let span = tracing::Span::current();
             span.record("job_id", job.job_id.as_str());
             span.record("tool", job.tool.as_str());
+            span.record("user", self.cipher.pseudonym(&job.user_id));
         }
         let outcome = disposition.outcome();
         match self.settle(&delivery, &disposition).await {
@@ -133,6 +139,7 @@ impl Worker {
                 // What this process added to the job: everything but the MCP call itself.
                 let added_ms = duration.saturating_sub(call_time).as_secs_f64() * 1000.0;
                 let duration_ms = duration.as_secs_f64() * 1000.0;
+                self.metrics.job_settled(disposition.settled(), duration);
                 tracing::info!(outcome, duration_ms, added_ms, redelivered = delivery.redelivered, "job done");
             }
             Err(e) => {

@@ -78,6 +78,9 @@ async fn a_broker_restart_during_2000_jobs_loses_none_and_runs_each_once() {
     let duplicates: usize = rig.replies.values().map(|r| r.len() - 1).sum();
     eprintln!("{duplicates} replies were delivered twice (the same recorded reply)");
     assert!(rig.logged(worker, "reconnected to RabbitMQ"), "the worker reconnected rather than restarted");
+    let metrics = rig.metrics(worker).await;
+    let reconnects = metrics.lines().find_map(|l| l.strip_prefix("mcp_worker_broker_reconnects_total "));
+    assert!(reconnects.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 1), "{metrics}");
     rig.finish().await;
 }
 

@@ -92,6 +92,14 @@ impl Rig {
         std::fs::read_to_string(log).is_ok_and(|log| log.contains(text))
     }
 
+    /// Worker `index`'s `/metrics`, from the address its log says the HTTP listener took.
+    pub async fn metrics(&self, index: usize) -> String {
+        let log = std::fs::read_to_string(self.logs.path().join(format!("worker-{index}.log"))).unwrap();
+        let line = log.lines().find(|l| l.contains("HTTP listener ready")).expect("the worker logged its listener");
+        let addr = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("listen=ADDR");
+        reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
+    }
+
     pub fn kill_worker(&mut self, index: usize) {
         let worker = &mut self.workers[index];
         worker.kill().expect("SIGKILL is delivered");

@@ -3,11 +3,14 @@
 //! does that and then runs this suite.
 
 mod cli;
+mod compose;
 mod connect;
 mod jobs;
 mod mcp_interop;
 mod migrations;
+mod operate;
 mod python_client;
+mod readme;
 mod refresher;
 mod schemas;
 mod secrets;

@@ -166,7 +166,12 @@ async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token
     }
 
     let mut extra = provider.clone();
-    extra.extend([("refresher.interval_secs", json!(1)), ("telemetry.filter", json!("warn"))]);
+    // Three processes on one host: each binds its health and metrics listener on a port of its own.
+    extra.extend([
+        ("refresher.interval_secs", json!(1)),
+        ("telemetry.filter", json!("warn")),
+        ("http.listen", json!("127.0.0.1:0")),
+    ]);
     let env = worker_env(&settings, &extra);
     let mut processes: Vec<Child> =
         (0..3).map(|_| spawn_worker(&["run", "--roles", "refresher"], &env, Stdio::inherit())).collect();

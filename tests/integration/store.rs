@@ -144,3 +144,26 @@ async fn reencrypt_moves_every_value_to_the_active_key_and_keeps_them_readable()
         "the old ring alone cannot read the new values"
     );
 }
+
+#[tokio::test]
+async fn the_backlog_counts_active_tokens_due_and_overdue_with_the_earliest_expiry() {
+    let (store, raw) = migrated().await;
+    let now = Utc::now();
+    let until = now + Duration::seconds(600);
+    for (user, expires_in) in
+        [("overdue", Duration::seconds(-120)), ("due", Duration::seconds(300)), ("later", Duration::hours(5))]
+    {
+        store.save(user, &tokens("a", expires_in), now).await.unwrap();
+    }
+    // A token waiting for its user to reconnect is not the refresher's to renew, however old.
+    store.save("refused", &tokens("a", Duration::seconds(-3600)), now).await.unwrap();
+    raw.update_one(doc! { "user_id": "refused" }, doc! { "$set": { "status": "reauth_required" } }).await.unwrap();
+
+    let backlog = store.backlog(now, until).await.unwrap();
+    assert_eq!((backlog.due, backlog.overdue), (2, 1));
+    let earliest = backlog.earliest.expect("something is due");
+    assert!((earliest - (now - Duration::seconds(120))).num_milliseconds().abs() < 5, "{earliest}");
+
+    let empty = store.backlog(now - Duration::hours(2), now - Duration::hours(1)).await.unwrap();
+    assert_eq!((empty.due, empty.overdue, empty.earliest), (0, 0, None));
+}

@@ -123,7 +123,7 @@ pub async fn spawn_app_from(settings: Settings) -> TestApp {
     mcp_worker::app::migrate(&settings).await.expect("migrations apply");
     let app =
         App::build(&settings, Roles::all()).await.expect("the worker starts (is RabbitMQ up? run scripts/services up)");
-    let api = format!("http://{}", app.api_addr().expect("the API runs"));
+    let api = format!("http://{}", app.http_addr());
     let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(app.run(shutdown.clone()));

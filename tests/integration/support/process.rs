@@ -20,6 +20,8 @@ pub fn worker_env(settings: &Settings, extra: &[(&str, Value)]) -> Vec<(String, 
         ("encryption.active_key".into(), "test1".into()),
         ("encryption.keys.test1".into(), TEST_KEY.into()),
         ("http.service_key".into(), SERVICE_KEY.into()),
+        // Every process binds the HTTP listener (health and metrics): on its own free port.
+        ("http.listen".into(), settings.http.listen.to_string()),
     ];
     for (name, server) in &settings.mcp.servers {
         pairs.push((format!("mcp.servers.{name}.url"), server.url.clone()));
