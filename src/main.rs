@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run until SIGTERM or Ctrl-C: the job worker, the token refresher and the HTTP API.
+    /// Run until SIGTERM or Ctrl-C: the job worker, the token refresher and the HTTP API. Every
+    /// process, whatever its roles, serves /healthz, /readyz and /metrics on http.listen.
     Run {
         /// Which parts to run, comma-separated, so they can scale apart.
         #[arg(long, value_delimiter = ',', default_value = "worker,refresher,api")]
