@@ -18,6 +18,7 @@ use crate::config::{ConfigError, Settings};
 use crate::crypto::TokenCipher;
 use crate::events::Events;
 use crate::mcp::{McpCallError, McpClients};
+use crate::messages::TokenEventKind;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::provider::Provider;
@@ -61,7 +62,8 @@ impl Roles {
 
 pub struct App {
     broker: Broker,
-    worker: Option<(Arc<Worker>, Jobs)>,
+    /// The worker, its jobs, and the token events that keep its cache in step (when it caches).
+    worker: Option<(Arc<Worker>, Jobs, Option<Jobs>)>,
     refresher: Option<(Arc<Refresher>, Jobs)>,
     http: (tokio::net::TcpListener, Arc<ApiState>),
     /// Whether the connect, disconnect and status endpoints are served (the `api` role).
@@ -135,8 +137,15 @@ impl App {
                 publisher.clone(),
                 metrics.clone(),
             );
+            // Subscribed before the first job is taken, so no event can slip between.
+            let events = if worker.caches_tokens() {
+                let keys = TokenEventKind::ALL.map(TokenEventKind::routing_key);
+                Some(broker.subscribe(&settings.amqp.events_exchange, &keys).await?)
+            } else {
+                None
+            };
             let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;
-            Some((Arc::new(worker), jobs))
+            Some((Arc::new(worker), jobs, events))
         } else {
             None
         };
@@ -202,10 +211,10 @@ impl App {
             let (broker, supervision, metrics) = (self.broker.clone(), supervision.clone(), self.metrics.clone());
             async move { broker.supervise(supervision, || metrics.reconnected()).await }
         });
-        if let Some((worker, jobs)) = self.worker {
+        if let Some((worker, jobs, events)) = self.worker {
             let (stop, broker) = (stop.clone(), self.broker.clone());
             parts.spawn(async move {
-                worker.run(broker, jobs, stop).await;
+                worker.run(broker, jobs, events, stop).await;
                 Ok(())
             });
         }
@@ -218,9 +227,9 @@ impl App {
         if !parts.is_empty() || self.connections {
             let (listener, state) = self.http;
             let (connections, http_stop) = (self.connections, stop.clone());
-            parts.spawn(async move {
-                api::serve(listener, state, connections, http_stop).await.map_err(AppError::from)
-            });
+            parts.spawn(
+                async move { api::serve(listener, state, connections, http_stop).await.map_err(AppError::from) },
+            );
         }
         let mut result = Ok(());
         while let Some(joined) = parts.join_next().await {

@@ -17,6 +17,9 @@ pub enum TokenEventKind {
 }
 
 impl TokenEventKind {
+    pub const ALL: [TokenEventKind; 3] =
+        [TokenEventKind::Connected, TokenEventKind::Disconnected, TokenEventKind::ReauthRequired];
+
     pub fn routing_key(self) -> &'static str {
         match self {
             TokenEventKind::Connected => "token.connected",

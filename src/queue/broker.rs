@@ -13,13 +13,15 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, Jobs, Publisher, QueueError, Topology};
+use super::{Delivery, Jobs, Publisher, QueueError, Source, Topology};
 use crate::secret::Secret;
 
 /// How often the supervisor looks at the connection's state.
@@ -64,6 +66,18 @@ impl Shared {
     }
 }
 
+/// What [`Broker::watch`] saw.
+// Returned by value and moved once; boxing the common variant would cost an allocation per job
+// to shrink two rare ones.
+#[allow(clippy::large_enum_variant)]
+pub enum Watched {
+    Delivery(Delivery),
+    /// The consumer is gone (its channel or connection): what is published now is not seen.
+    Lost,
+    /// Consuming again on a new link.
+    Resumed,
+}
+
 /// A cheap handle on the shared connection.
 #[derive(Clone)]
 pub struct Broker {
@@ -89,13 +103,56 @@ impl Broker {
     /// Starts consuming `queue` on the current link with at most `prefetch` unacknowledged
     /// deliveries.
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Jobs, QueueError> {
+        self.open(&Source::Queue(queue.to_owned()), prefetch).await
+    }
+
+    /// Subscribes to the messages of `exchange` with these routing keys, through a private queue
+    /// of this process. Deliveries need no ack (they are advisory), and none published while no
+    /// link is up reach this process: [`Broker::watch`] reports such gaps.
+    pub async fn subscribe(&self, exchange: &str, routing_keys: &[&str]) -> Result<Jobs, QueueError> {
+        let source = Source::Subscription {
+            exchange: exchange.to_owned(),
+            routing_keys: routing_keys.iter().map(|k| (*k).to_owned()).collect(),
+        };
+        self.open(&source, 256).await
+    }
+
+    /// Consumes `source` on a new channel of the current link.
+    async fn open(&self, source: &Source, prefetch: u16) -> Result<Jobs, QueueError> {
         let link = self.shared.link();
         let channel = link.connection.create_channel().await?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = channel
-            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
-        Ok(Jobs { channel, consumer, generation: link.generation, queue: queue.to_owned(), prefetch })
+        let (queue, no_ack) = match source {
+            Source::Queue(queue) => (queue.clone(), false),
+            Source::Subscription { exchange, routing_keys } => {
+                let private = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+                let queue = channel.queue_declare("".into(), private, FieldTable::default()).await?;
+                let queue = queue.name().to_string();
+                for key in routing_keys {
+                    channel
+                        .queue_bind(
+                            queue.as_str().into(),
+                            exchange.as_str().into(),
+                            key.as_str().into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                }
+                (queue, true)
+            }
+        };
+        let options = BasicConsumeOptions { no_ack, ..Default::default() };
+        let consumer = channel.basic_consume(queue.as_str().into(), "".into(), options, FieldTable::default()).await?;
+        Ok(Jobs {
+            channel,
+            consumer,
+            generation: link.generation,
+            source: source.clone(),
+            queue,
+            prefetch,
+            lost: false,
+        })
     }
 
     pub fn publisher(&self) -> Publisher {
@@ -106,18 +163,31 @@ impl Broker {
     /// waits for the next link and consumes the same queue again. `None` once `shutdown` fires.
     pub async fn next(&self, jobs: &mut Jobs, shutdown: &CancellationToken) -> Option<Delivery> {
         loop {
-            let delivery = tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                delivery = jobs.next() => delivery,
-            };
-            match delivery {
-                Some(Ok(delivery)) => return Some(delivery),
-                lost => {
-                    let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
-                    tracing::warn!(reason, queue = %jobs.queue, "lost a consumer; resuming once RabbitMQ is back");
-                    *jobs = self.resume(jobs, shutdown).await?;
-                    tracing::info!(queue = %jobs.queue, "consuming again");
-                }
+            if let Watched::Delivery(delivery) = self.watch(jobs, shutdown).await? {
+                return Some(delivery);
+            }
+        }
+    }
+
+    /// Like [`Broker::next`], but also says when the consumer was lost and when it consumes
+    /// again, for consumers that must know what they may have missed (a subscription).
+    pub async fn watch(&self, jobs: &mut Jobs, shutdown: &CancellationToken) -> Option<Watched> {
+        if jobs.lost {
+            *jobs = self.resume(jobs, shutdown).await?;
+            tracing::info!(queue = %jobs.queue, "consuming again");
+            return Some(Watched::Resumed);
+        }
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            delivery = jobs.next() => delivery,
+        };
+        match delivery {
+            Some(Ok(delivery)) => Some(Watched::Delivery(delivery)),
+            lost => {
+                let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
+                tracing::warn!(reason, queue = %jobs.queue, "lost a consumer; resuming once RabbitMQ is back");
+                jobs.lost = true;
+                Some(Watched::Lost)
             }
         }
     }
@@ -137,7 +207,7 @@ impl Broker {
                 _ = shutdown.cancelled() => return None,
                 _ = self.shared.newer_than(generation, Duration::MAX) => {}
             }
-            match self.consume(&lost.queue, lost.prefetch).await {
+            match self.open(&lost.source, lost.prefetch).await {
                 Ok(jobs) => return Some(jobs),
                 Err(e) => {
                     tracing::warn!(error = %e, queue = %lost.queue, "cannot consume on the new link yet");

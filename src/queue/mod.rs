@@ -1,8 +1,9 @@
 //! RabbitMQ: the only module that imports `lapin`.
 //!
 //! [`Broker`] owns the AMQP connection and gets it back when it is lost. From it come the job
-//! stream ([`Jobs`], manual acks, bounded prefetch) and the [`Publisher`] (a channel in confirm
-//! mode). Everyone else sees [`Delivery`] and plain strings, never an AMQP type.
+//! stream ([`Jobs`], manual acks, bounded prefetch), subscriptions to the events exchange (a
+//! private queue per process, declared again on every link), and the [`Publisher`] (a channel in
+//! confirm mode). Everyone else sees [`Delivery`] and plain strings, never an AMQP type.
 
 mod broker;
 mod publisher;
@@ -13,7 +14,7 @@ use futures::StreamExt;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 
-pub use broker::Broker;
+pub use broker::{Broker, Watched};
 pub use publisher::{ATTEMPTS_HEADER, CLAIM_HEADER, DEFERRALS_HEADER, Published, Publisher, REASON_HEADER, Return};
 pub use topology::Topology;
 
@@ -43,8 +44,22 @@ pub struct Jobs {
     consumer: lapin::Consumer,
     /// The link it came from, and what it consumes: [`Broker::next`] consumes it again after a loss.
     generation: u64,
+    source: Source,
+    /// The queue consumed on this link (server-named for a subscription).
     queue: String,
     prefetch: u16,
+    /// Its consumer ended; the next [`Broker::watch`] resumes it.
+    lost: bool,
+}
+
+/// What a consumer reads.
+#[derive(Clone, Debug)]
+enum Source {
+    /// A declared queue, consumed with manual acks.
+    Queue(String),
+    /// Messages of `exchange` with these routing keys, through a private queue (exclusive,
+    /// server-named, gone with the connection) that is declared and bound on each link.
+    Subscription { exchange: String, routing_keys: Vec<String> },
 }
 
 impl Jobs {

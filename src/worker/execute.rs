@@ -239,9 +239,10 @@ impl Worker {
         let token = match cached.filter(|token| usable(token) == TokenVerdict::Use) {
             Some(token) => Ok(Some(token)),
             None => {
+                let read_started = std::time::Instant::now();
                 let read = self.store.tokens(provider, &self.cipher).get(&job.user_id).await;
                 if let Ok(Some(token)) = &read {
-                    self.tokens.put(provider, token, std::time::Instant::now());
+                    self.tokens.put(provider, token, read_started);
                 }
                 read
             }

@@ -8,6 +8,7 @@
 mod execute;
 pub mod policy;
 mod token_cache;
+mod token_events;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,10 +82,27 @@ impl Worker {
         Self { config, registry, store, cipher, mcp, publisher, tokens, metrics }
     }
 
+    /// Whether the token cache is on, and so needs the token events (see [`Worker::run`]).
+    pub fn caches_tokens(&self) -> bool {
+        self.tokens.enabled()
+    }
+
     /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
     /// grace period. A lost consumer is resumed on the broker's next link; jobs in flight then
     /// finish, but their deliveries can no longer be acked and come back (see [`Broker::next`]).
-    pub async fn run(self: Arc<Self>, broker: Broker, mut jobs: Jobs, shutdown: CancellationToken) {
+    /// `events`, a subscription to the token events, keeps the token cache in step; without it
+    /// the cache stays off.
+    pub async fn run(
+        self: Arc<Self>,
+        broker: Broker,
+        mut jobs: Jobs,
+        events: Option<Jobs>,
+        shutdown: CancellationToken,
+    ) {
+        let follower = events.map(|events| {
+            let (worker, broker, shutdown) = (self.clone(), broker.clone(), shutdown.clone());
+            tokio::spawn(async move { worker.follow_token_events(&broker, events, &shutdown).await })
+        });
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut in_flight = JoinSet::new();
         loop {
@@ -115,6 +133,9 @@ impl Worker {
             tracing::warn!(jobs = in_flight.len(), "grace period over; unfinished jobs are left for redelivery");
             in_flight.abort_all();
             while in_flight.join_next().await.is_some() {}
+        }
+        if let Some(follower) = follower {
+            let _ = follower.await;
         }
     }
 

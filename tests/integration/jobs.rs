@@ -435,3 +435,34 @@ async fn with_the_token_cache_on_a_replaced_token_is_used_once_the_entry_expires
     assert_eq!(sent, ["first", "first", "second"], "job-2 from the cache, job-3 read again");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_the_token_cache_on_a_disconnect_reaches_the_worker_by_event_not_by_expiry() {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    // An entry would live ten minutes: only the token.disconnected event can drop it in time.
+    let fx =
+        crate::support::spawn_app_with_oauth(&server.url(), |_| {}, &[("tokens.cache_ttl_ms", json!(600_000))]).await;
+    let app = &fx.app;
+    app.store_token("alice", "cached-token").await;
+    app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    assert_eq!(app.next_reply().await.0["status"], "ok");
+
+    let url = format!("{}/v1/connections/qlik/alice", app.api);
+    let deleted = reqwest::Client::new().delete(&url).bearer_auth(crate::support::SERVICE_KEY).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    // The event travels on another queue than the jobs, so a job published right after the
+    // disconnect may still be served from the cache; the next ones must not be.
+    let mut n = 0;
+    crate::support::wait_until("a job after the disconnect is told not_connected", || {
+        n += 1;
+        let job_id = format!("job-after-{n}");
+        async move {
+            app.call(&job_id, "alice", "qlik_whoami", json!({})).await;
+            let (reply, _) = app.next_reply().await;
+            reply["status"] == "error" && reply["error"]["code"] == "not_connected"
+        }
+    })
+    .await;
+    let served_after = server.tool_calls().len() - 1;
+    assert!(served_after <= 1, "{served_after} jobs used the disconnected user's cached token");
+}
