@@ -83,7 +83,9 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Job, InvalidJob> {
         };
         InvalidJob { job_id: salvage_job_id(text), reason }
     })?;
-    let job_id = Some(wire.job_id.clone());
+    // An id that is itself invalid is not repeated: the reply would carry it, and as the reply's
+    // correlation id an AMQP short string (at most 255 bytes) cannot.
+    let job_id = Some(wire.job_id.clone()).filter(|id| usable_id(id));
     let fail = |reason: String| InvalidJob { job_id: job_id.clone(), reason };
     for (field, value) in [("job_id", &wire.job_id), ("user_id", &wire.user_id), ("tool", &wire.tool)] {
         if value.trim().is_empty() {
@@ -123,7 +125,12 @@ fn salvage_job_id(text: &str) -> Option<String> {
     struct IdOnly {
         job_id: String,
     }
-    serde_json::from_str::<IdOnly>(text).ok().map(|x| x.job_id).filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN)
+    serde_json::from_str::<IdOnly>(text).ok().map(|x| x.job_id).filter(|id| usable_id(id))
+}
+
+/// Whether a job id may name the job in a reply: not blank, and at most [`MAX_ID_LEN`] bytes.
+fn usable_id(id: &str) -> bool {
+    !id.trim().is_empty() && id.len() <= MAX_ID_LEN
 }
 
 /// Error codes of a reply. See docs/CONTRACT.md for what each means to the caller.
@@ -318,6 +325,20 @@ mod tests {
         let err = decode(br#"{"job_id":"j9","user_id":1}"#, MAX).unwrap_err();
         assert_eq!(err.job_id.as_deref(), Some("j9"));
         assert_eq!(decode(b"{", MAX).unwrap_err().job_id, None);
+    }
+
+    #[test]
+    fn an_invalid_job_id_is_not_repeated() {
+        // Repeated as the reply's correlation id, 300 bytes would not fit an AMQP short string.
+        let long = "j".repeat(300);
+        let body = json!({ "job_id": long, "user_id": "u", "tool": "t" }).to_string();
+        let err = decode(body.as_bytes(), MAX).unwrap_err();
+        assert!(err.reason.contains("job_id"), "{}", err.reason);
+        assert_eq!(err.job_id, None);
+        let blank = decode(br#"{"job_id":"  ","user_id":"u","tool":"t"}"#, MAX).unwrap_err();
+        assert_eq!(blank.job_id, None);
+        let wrong_type = format!(r#"{{"job_id":"{long}","user_id":1}}"#);
+        assert_eq!(decode(wrong_type.as_bytes(), MAX).unwrap_err().job_id, None);
     }
 
     #[test]

@@ -466,3 +466,17 @@ async fn with_the_token_cache_on_a_disconnect_reaches_the_worker_by_event_not_by
     let served_after = server.tool_calls().len() - 1;
     assert!(served_after <= 1, "{served_after} jobs used the disconnected user's cached token");
 }
+
+#[tokio::test]
+async fn a_job_id_too_long_to_be_a_correlation_id_is_answered_invalid_job() {
+    let app = spawn_app("http://127.0.0.1:9/mcp").await;
+    // No correlation id: the worker would fall back to the job id, which AMQP cannot carry.
+    let body = json!({ "job_id": "j".repeat(300), "user_id": "alice", "tool": "qlik_whoami" });
+    app.publish(body.to_string().as_bytes(), None).await;
+    let (reply, correlation) = app.next_reply().await;
+    assert_eq!(reply["error"]["code"], "invalid_job", "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("job_id"), "{reply}");
+    assert_eq!(reply["job_id"], serde_json::Value::Null, "an invalid id is not repeated");
+    assert_eq!(correlation, None);
+    app.stop().await;
+}
