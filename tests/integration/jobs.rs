@@ -319,15 +319,7 @@ async fn two_deliveries_of_one_job_at_the_same_time_run_it_once() {
 #[tokio::test]
 async fn every_job_of_the_malformed_corpus_is_refused_and_dead_lettered_with_a_reason() {
     let app = spawn_app("http://127.0.0.1:9/mcp").await;
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/bad_jobs");
-    let mut cases: Vec<(String, Vec<u8>)> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|e| e == "json"))
-        .map(|path| (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap()))
-        .collect();
-    cases.sort();
-    assert!(cases.len() >= 20, "the corpus is there");
+    let cases = crate::support::bad_job_corpus();
     for (name, body) in &cases {
         app.publish(body, Some(name)).await;
     }

@@ -372,20 +372,6 @@ fn to_bytes(value: &Value) -> Vec<u8> {
     serde_json::to_vec(value).unwrap()
 }
 
-/// tests/corpus/bad_jobs: every file is a body the worker must refuse.
-fn bad_jobs() -> Vec<(String, Vec<u8>)> {
-    let corpus = repo().join("tests/corpus/bad_jobs");
-    let mut cases: Vec<(String, Vec<u8>)> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|e| e == "json"))
-        .map(|path| (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap()))
-        .collect();
-    cases.sort();
-    assert!(cases.len() >= 20, "the corpus is there");
-    cases
-}
-
 #[test]
 fn the_job_schema_refuses_every_malformed_job_it_can_see() {
     let schemas = schemas();
@@ -393,7 +379,7 @@ fn the_job_schema_refuses_every_malformed_job_it_can_see() {
     // schema's known blind spot.
     let not_json = ["empty.json", "invalid_utf8.json", "truncated.json"];
     let blind = ["arguments_too_deep.json"];
-    for (name, body) in bad_jobs() {
+    for (name, body) in crate::support::bad_job_corpus() {
         assert!(job::decode(&body, DEFAULT_LIMITS).is_err(), "{name}: the decoder refuses it");
         match serde_json::from_slice::<Value>(&body) {
             Err(_) => assert!(not_json.contains(&name.as_str()), "{name} is not JSON"),
@@ -408,7 +394,10 @@ fn the_job_schema_refuses_every_malformed_job_it_can_see() {
 
 /// Applies each mutation to a copy of `base`, which must match, and asserts that the result
 /// does not: every mutation alone breaks the message.
-fn assert_mutants_invalid(validator: &Validator, what: &str, base: &Value, mutations: &[(&str, &dyn Fn(&mut Value))]) {
+/// A named change to a valid message.
+type Mutation<'a> = (&'a str, &'a dyn Fn(&mut Value));
+
+fn assert_mutants_invalid(validator: &Validator, what: &str, base: &Value, mutations: &[Mutation<'_>]) {
     assert_valid(validator, what, base);
     for (name, mutate) in mutations {
         let mut mutant = base.clone();
@@ -625,7 +614,7 @@ async fn replies_of_a_running_worker_match_the_reply_schema() {
 async fn the_invalid_job_replies_to_the_malformed_corpus_match_the_reply_schema() {
     let schemas = schemas();
     let app = spawn_app(NO_MCP).await;
-    let cases = bad_jobs();
+    let cases = crate::support::bad_job_corpus();
     for (name, body) in &cases {
         app.publish(body, Some(name)).await;
     }

@@ -54,6 +54,21 @@ where
     panic!("timed out waiting until {what}");
 }
 
+/// `tests/corpus/bad_jobs`: every file is a body the worker must refuse, as (file name, body),
+/// sorted by name.
+pub fn bad_job_corpus() -> Vec<(String, Vec<u8>)> {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/bad_jobs");
+    let mut cases: Vec<(String, Vec<u8>)> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&path).unwrap()))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 20, "the corpus is there");
+    cases
+}
+
 /// Settings for one test: the usual layers (so `MCP_WORKER_*` can point at other services), then
 /// a fresh database and queue names, then the test's own overrides.
 pub fn test_settings(mcp_url: &str, overrides: &[(&str, Value)]) -> Settings {
