@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Delivery, Jobs, Publisher, QueueError, Source, Topology};
 use crate::secret::Secret;
 
+/// The largest AMQP frame this side proposes, in bytes (see `establish`).
+const FRAME_MAX: u32 = 32_768;
 /// How often the supervisor looks at the connection's state.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// The first and the largest wait between two connection attempts.
@@ -282,9 +284,16 @@ async fn establish(
     generation: u64,
 ) -> Result<Link, QueueError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
+    // The parser's error repeats the whole URL, password included: say only what is wrong.
+    let mut uri: lapin::uri::AMQPUri =
+        url.expose().parse().map_err(|_| QueueError::Connect("amqp.url is not a valid AMQP URL".into()))?;
+    // lapin keeps two I/O buffers of 32 frames each: at RabbitMQ's default 128 KiB frames that is
+    // 8 MiB per connection. 32 KiB frames carry any job as well (a larger body spans frames) for a
+    // quarter of that. A `frame_max` in the URL still wins.
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
     // lapin's error text does not contain the URL, so the password cannot leak through it.
     let connection =
-        Connection::connect(url.expose(), properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
+        Connection::connect_uri(uri, properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
     if let Some(topology) = topology {
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;

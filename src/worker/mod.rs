@@ -154,7 +154,9 @@ impl Worker {
             span.record("user", self.cipher.pseudonym(&job.user_id));
         }
         let outcome = disposition.outcome();
-        match self.settle(&delivery, &disposition).await {
+        // Boxed: only the short publish-and-ack needs this state, not the long MCP call before it,
+        // which keeps each job's task about 5 KB smaller (measured with 1000 jobs in flight).
+        match Box::pin(self.settle(&delivery, &disposition)).await {
             Ok(()) => {
                 let duration = started.elapsed();
                 // What this process added to the job: everything but the MCP call itself.
