@@ -71,6 +71,12 @@ impl ConnectionStatus {
         }
     }
 
+    /// A stored token that cannot be opened (its encryption key was retired, or it is damaged):
+    /// as on the job path, only a new connect flow helps.
+    pub fn unreadable() -> Self {
+        Self { connected: true, status: Some(TokenStatus::ReauthRequired.as_str()), expires_at: None, updated_at: None }
+    }
+
     /// Whether jobs for this user can get a token: connected and not waiting for reauthorization.
     pub fn usable(&self) -> bool {
         self.status == Some(TokenStatus::Active.as_str())

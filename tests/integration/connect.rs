@@ -128,3 +128,42 @@ async fn health_and_readiness_answer_without_a_service_key() {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body, json!({ "ready": true, "database": true, "broker": true }));
 }
+
+#[tokio::test]
+async fn the_status_of_a_token_sealed_under_a_retired_key_is_reauth_required() {
+    use mcp_worker::config::EncryptionSettings;
+    use mcp_worker::crypto::TokenCipher;
+    use mcp_worker::secret::Secret;
+    use mcp_worker::store::NewTokens;
+
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    // Sealed under a key this worker does not have (as after removing a retired key).
+    let retired = EncryptionSettings {
+        active_key: "old".into(),
+        keys: [("old".to_string(), Secret::new("b2xkLWtleS1vbGQta2V5LW9sZC1rZXktb2xkLWtleTE=".to_string()))].into(),
+        allow_plaintext_tokens: false,
+    };
+    let cipher = std::sync::Arc::new(TokenCipher::from_settings(&retired).unwrap());
+    let tokens = NewTokens {
+        access_token: Secret::new("a".into()),
+        refresh_token: Secret::new("r".into()),
+        expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+    };
+    fx.app
+        .store
+        .tokens(mcp_worker::provider::Provider::Qlik, &cipher)
+        .save("alice", &tokens, chrono::Utc::now())
+        .await
+        .unwrap();
+
+    let status: Value = reqwest::Client::new()
+        .get(format!("{}/v1/connections/qlik/alice", fx.app.api))
+        .bearer_auth(SERVICE_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status, json!({ "connected": true, "status": "reauth_required" }));
+}

@@ -48,6 +48,17 @@ async fn tokens_status_shows_the_connection_without_its_tokens_and_exits_by_usab
     assert_eq!(absent.status.code(), Some(3));
     let status: Value = serde_json::from_slice(&absent.stdout).unwrap();
     assert_eq!(status, json!({ "connected": false }));
+
+    // Under another key (the one it was sealed with retired), the token cannot be opened: the
+    // user must reconnect, as the job path would say.
+    let mut retired: Vec<(String, String)> =
+        env.iter().filter(|(k, _)| !k.starts_with("MCP_WORKER_ENCRYPTION__")).cloned().collect();
+    retired.push(("MCP_WORKER_ENCRYPTION__ACTIVE_KEY".into(), "other".into()));
+    retired.push(("MCP_WORKER_ENCRYPTION__KEYS__OTHER".into(), "b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXktMzI=".into()));
+    let unreadable = mcp_worker(&retired, &["tokens", "status", "--user", "u-status"]).await;
+    assert_eq!(unreadable.status.code(), Some(3), "{}", String::from_utf8_lossy(&unreadable.stderr));
+    let status: Value = serde_json::from_slice(&unreadable.stdout).unwrap();
+    assert_eq!(status, json!({ "connected": true, "status": "reauth_required" }));
     app.stop().await;
 }
 
