@@ -260,7 +260,7 @@ async fn shutdown_waits_the_grace_period_then_leaves_unfinished_jobs_for_redeliv
     let jobs_queue = app.settings.amqp.jobs_queue.clone();
     let reply_queue = app.reply_queue.clone();
     let channel = app.channel.clone();
-    app.stop().await;
+    app.stop_keeping_queues().await;
 
     let get = lapin::options::BasicGetOptions { no_ack: true };
     assert!(

@@ -663,7 +663,7 @@ async fn a_delivery_limit_reply_matches_the_reply_schema() {
     // A connection of the test's own, which outlives the first worker's.
     let connection = lapin::Connection::connect(first.settings.amqp.url.expose(), Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    first.stop().await;
+    first.stop_keeping_queues().await;
     let replies = format!("{jobs}.poison-replies");
     declare_queue(&channel, &replies, FieldTable::default()).await;
     let job =

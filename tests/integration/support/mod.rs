@@ -109,6 +109,8 @@ pub struct TestApp {
     pub reply_queue: String,
     shutdown: CancellationToken,
     worker: Option<tokio::task::JoinHandle<Result<(), mcp_worker::app::AppError>>>,
+    /// Leave the queues on the broker when dropped (the test reads them after the worker stops).
+    keep_topology: bool,
     _connection: Connection,
 }
 
@@ -164,6 +166,7 @@ pub async fn spawn_app_from(settings: Settings) -> TestApp {
         reply_queue,
         shutdown,
         worker: Some(worker),
+        keep_topology: false,
         _connection: connection,
     }
 }
@@ -290,17 +293,54 @@ impl TestApp {
     }
 
     /// Stops the worker and waits for it, failing the test if it ended with an error.
+    /// Stops the worker and deletes the test's queues.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         let worker = self.worker.take().unwrap();
         worker.await.unwrap().expect("the worker stops cleanly");
+    }
+
+    /// Stops the worker but leaves the queues, for a test that reads them afterwards.
+    pub async fn stop_keeping_queues(mut self) {
+        self.keep_topology = true;
+        self.stop().await;
     }
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if !self.keep_topology {
+            delete_topology(&self.settings);
+        }
     }
+}
+
+/// Deletes a test's queues and events exchange, so that runs of the suite do not pile up
+/// thousands of queues on the shared broker (RabbitMQ stops accepting connections after a few
+/// runs' worth). Runs on a thread of its own: `Drop` cannot await, and the test's runtime may be
+/// single-threaded. Best effort: a broker that is gone has nothing to clean.
+fn delete_topology(settings: &Settings) {
+    let topology = mcp_worker::app::topology(settings);
+    let url = settings.amqp.url.expose().clone();
+    let mut queues =
+        vec![topology.jobs_queue, topology.dead_letter_queue, topology.delay_queue, topology.refresh_queue];
+    queues.extend(topology.retry_queues.into_iter().map(|(queue, _)| queue));
+    let exchange = topology.events_exchange;
+    let cleaner = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await else { return };
+            if let Ok(channel) = connection.create_channel().await {
+                for queue in &queues {
+                    let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+                }
+                let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+            }
+            let _ = connection.close(200, "test done".into()).await;
+        });
+    });
+    let _ = cleaner.join();
 }
 
 /// The value of a string header of a message.
