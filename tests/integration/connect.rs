@@ -97,21 +97,17 @@ async fn disconnect_revokes_at_the_provider_deletes_and_repeats_as_204() {
     let events = fx.app.watch_events().await;
     assert_eq!(connect_as_browser(&fx.app, "alice", "allow").await.status, 303);
     let stored = fx.app.stored("alice").await.unwrap();
-    let http = reqwest::Client::new();
-    let url = format!("{}/v1/connections/qlik/alice", fx.app.api);
-
-    let status: Value = http.get(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().json().await.unwrap();
+    let status = fx.app.connection_status("alice").await;
     assert_eq!(status["connected"], true);
     assert_eq!(status["status"], "active");
     assert!(!status.to_string().contains(stored.access_token.expose().as_str()), "no token in the status");
 
-    assert_eq!(http.delete(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().status(), 204);
+    assert_eq!(fx.app.disconnect("alice").await, 204);
     assert_eq!(fx.oauth.stats().revocation_requests, 1);
     assert!(!fx.oauth.refresh_token_active(stored.refresh_token.expose()), "the grant is revoked at the provider");
     assert!(fx.app.stored("alice").await.is_none());
-    assert_eq!(http.delete(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().status(), 204, "repeating is fine");
-    let status: Value = http.get(&url).bearer_auth(SERVICE_KEY).send().await.unwrap().json().await.unwrap();
-    assert_eq!(status, json!({ "connected": false }));
+    assert_eq!(fx.app.disconnect("alice").await, 204, "repeating is fine");
+    assert_eq!(fx.app.connection_status("alice").await, json!({ "connected": false }));
 
     assert_eq!(fx.app.next_event(&events).await.0, "token.connected");
     assert_eq!(fx.app.next_event(&events).await.0, "token.disconnected");
@@ -156,14 +152,5 @@ async fn the_status_of_a_token_sealed_under_a_retired_key_is_reauth_required() {
         .await
         .unwrap();
 
-    let status: Value = reqwest::Client::new()
-        .get(format!("{}/v1/connections/qlik/alice", fx.app.api))
-        .bearer_auth(SERVICE_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status, json!({ "connected": true, "status": "reauth_required" }));
+    assert_eq!(fx.app.connection_status("alice").await, json!({ "connected": true, "status": "reauth_required" }));
 }

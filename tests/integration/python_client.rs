@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{Flavor, McpServer, SERVICE_KEY, TestApp, spawn_app_with_oauth, wait_until};
 
@@ -73,11 +73,8 @@ async fn the_python_client_example_passes_its_tests_against_the_worker() {
     // A refresh token the provider never issued, due for renewal: the refresher's refresh is
     // refused (invalid_grant) and the user's jobs get reauth_required, as after a revoked grant.
     app.store_tokens("py-reauth", "stale-access", "never-issued", Utc::now() + chrono::Duration::seconds(120)).await;
-    let http = reqwest::Client::new();
-    let status_url = format!("{}/v1/connections/qlik/py-reauth", app.api);
     wait_until("the refused grant is marked reauth_required", || async {
-        let answer = http.get(&status_url).bearer_auth(SERVICE_KEY).send().await.unwrap();
-        answer.json::<Value>().await.unwrap()["status"] == "reauth_required"
+        app.connection_status("py-reauth").await["status"] == "reauth_required"
     })
     .await;
 

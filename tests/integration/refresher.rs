@@ -12,8 +12,8 @@ use mcp_worker::store::{NewTokens, Store};
 use serde_json::{Value, json};
 
 use crate::support::{
-    Flavor, McpServer, SERVICE_KEY, spawn_app_with_oauth, spawn_oauth, spawn_worker, terminate, test_settings,
-    wait_until, worker_env,
+    Flavor, McpServer, spawn_app_with_oauth, spawn_oauth, spawn_worker, terminate, test_settings, wait_until,
+    worker_env,
 };
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
@@ -57,16 +57,7 @@ async fn a_refused_grant_becomes_reauth_required_with_an_event_and_later_jobs_ar
     let (key, event) = fx.app.next_event(&events).await;
     assert_eq!(key, "token.reauth_required");
     assert_eq!(event["user_id"], "alice");
-    let status: Value = reqwest::Client::new()
-        .get(format!("{}/v1/connections/qlik/alice", fx.app.api))
-        .bearer_auth(SERVICE_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status["status"], "reauth_required");
+    assert_eq!(fx.app.connection_status("alice").await["status"], "reauth_required");
 
     fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
     let (reply, _) = fx.app.next_reply().await;

@@ -31,7 +31,7 @@ use mcp_worker::provider::Provider;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Flavor, McpServer, REPLY_WAIT, SERVICE_KEY, TestApp, connect_as_browser, declare_queue, spawn_app, spawn_app_with,
+    Flavor, McpServer, REPLY_WAIT, TestApp, connect_as_browser, declare_queue, spawn_app, spawn_app_with,
     spawn_app_with_oauth, worker_env,
 };
 
@@ -698,9 +698,7 @@ async fn every_kind_of_token_event_and_the_reauth_required_reply_match_their_sch
     // token.connected and token.disconnected: alice connects through the OAuth flow as a browser
     // would, then the chat backend disconnects her.
     assert_eq!(connect_as_browser(&fx.app, "alice", "allow").await.status, 303);
-    let url = format!("{}/v1/connections/qlik/alice", fx.app.api);
-    let deleted = reqwest::Client::new().delete(&url).bearer_auth(SERVICE_KEY).send().await.unwrap();
-    assert_eq!(deleted.status(), 204);
+    assert_eq!(fx.app.disconnect("alice").await, 204);
     // token.reauth_required: bob's refresh token was never issued, so the provider refuses it.
     fx.app.store_tokens("bob", "bob-access", "never-issued", Utc::now() + chrono::Duration::seconds(120)).await;
 

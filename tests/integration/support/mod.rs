@@ -254,6 +254,19 @@ impl TestApp {
         self.store.tokens(Provider::Qlik, &self.cipher).save(user, &tokens, chrono::Utc::now()).await.unwrap();
     }
 
+    /// `GET /v1/connections/qlik/{user}` with the service key: the user's connection status.
+    pub async fn connection_status(&self, user: &str) -> Value {
+        let url = format!("{}/v1/connections/qlik/{user}", self.api);
+        let answer = reqwest::Client::new().get(url).bearer_auth(SERVICE_KEY).send().await.unwrap();
+        answer.json().await.unwrap()
+    }
+
+    /// `DELETE /v1/connections/qlik/{user}` with the service key; returns the HTTP status.
+    pub async fn disconnect(&self, user: &str) -> u16 {
+        let url = format!("{}/v1/connections/qlik/{user}", self.api);
+        reqwest::Client::new().delete(url).bearer_auth(SERVICE_KEY).send().await.unwrap().status().as_u16()
+    }
+
     /// The user's stored tokens, decrypted.
     pub async fn stored(&self, user: &str) -> Option<mcp_worker::store::StoredToken> {
         self.store.tokens(Provider::Qlik, &self.cipher).get(user).await.unwrap()
