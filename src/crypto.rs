@@ -135,8 +135,14 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()[..PSEUDONYM_LEN].to_owned()
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        write!(text, "{b:02x}").expect("writing to a String does not fail");
+    }
+    text
 }
 
 fn parse(sealed: &str) -> Option<(&str, &str)> {
@@ -175,8 +181,10 @@ impl TokenCipher {
     /// it is an unkeyed hash, which anyone who can guess the id can match.
     pub fn pseudonym(&self, user_id: &str) -> String {
         match self {
-            TokenCipher::Sealed(ring) => hex_prefix(&hmac_sha256(&ring.pseudonym_key, user_id.as_bytes())),
-            TokenCipher::Plaintext => hex_prefix(&Sha256::digest(user_id.as_bytes())),
+            TokenCipher::Sealed(ring) => {
+                hex(&hmac_sha256(&ring.pseudonym_key, user_id.as_bytes())[..PSEUDONYM_LEN / 2])
+            }
+            TokenCipher::Plaintext => hex(&Sha256::digest(user_id.as_bytes())[..PSEUDONYM_LEN / 2]),
         }
     }
 

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::StoreError;
 use super::tokens::{bson_date, chrono_date};
-use crate::crypto::TokenCipher;
+use crate::crypto::{TokenCipher, hex};
 use crate::provider::Provider;
 use crate::secret::Secret;
 
@@ -38,7 +38,7 @@ pub struct StateStore {
 }
 
 fn key(state: &str) -> String {
-    Sha256::digest(state.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(state.as_bytes()))
 }
 
 impl StateStore {
