@@ -16,7 +16,7 @@ use mcp_worker::messages::ConnectionStatus;
 use mcp_worker::provider::Provider;
 use mcp_worker::queue::Broker;
 use mcp_worker::secret::Secret;
-use mcp_worker::store::{NewTokens, Store, StoreError};
+use mcp_worker::store::{NewTokens, Store};
 use tokio_util::sync::CancellationToken;
 
 /// Runs MCP tool calls from RabbitMQ jobs, with each user's OAuth token from MongoDB.
@@ -175,14 +175,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
         Command::Tokens(TokensCommand::Status { user }) => {
             let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
             let store = Store::connect(&settings.mongodb).await?;
-            let status = match store.tokens(Provider::Qlik, &cipher).get(&user).await {
-                Ok(token) => ConnectionStatus::of(token.as_ref()),
-                Err(StoreError::Unreadable(e)) => {
-                    eprintln!("the stored token cannot be read ({e}); the user must reconnect");
-                    ConnectionStatus::unreadable()
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let status = ConnectionStatus::of(store.tokens(Provider::Qlik, &cipher).get(&user).await)?;
             println!("{}", serde_json::to_string_pretty(&status)?);
             if !status.usable() {
                 return Ok(ExitCode::from(3));

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::provider::Provider;
-use crate::store::{StoredToken, TokenStatus};
+use crate::store::{StoreError, StoredToken, TokenStatus};
 
 /// Routing keys of [`TokenEvent`] on the events exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,19 +62,28 @@ pub struct ConnectionStatus {
 }
 
 impl ConnectionStatus {
-    pub fn of(token: Option<&StoredToken>) -> Self {
-        Self {
-            connected: token.is_some(),
-            status: token.map(|t| t.status.as_str()),
-            expires_at: token.map(|t| t.expires_at),
-            updated_at: token.map(|t| t.updated_at),
+    /// The status a token lookup gives. A stored token that cannot be opened (its encryption key
+    /// was retired, or it is damaged) reads as `reauth_required`, as on the job path: only a new
+    /// connect flow helps. Other errors (the database) are passed on.
+    pub fn of(lookup: Result<Option<StoredToken>, StoreError>) -> Result<Self, StoreError> {
+        match lookup {
+            Ok(token) => Ok(Self {
+                connected: token.is_some(),
+                status: token.as_ref().map(|t| t.status.as_str()),
+                expires_at: token.as_ref().map(|t| t.expires_at),
+                updated_at: token.as_ref().map(|t| t.updated_at),
+            }),
+            Err(StoreError::Unreadable(e)) => {
+                tracing::warn!(error = %e, "a stored token cannot be read; reporting reauth_required");
+                Ok(Self {
+                    connected: true,
+                    status: Some(TokenStatus::ReauthRequired.as_str()),
+                    expires_at: None,
+                    updated_at: None,
+                })
+            }
+            Err(e) => Err(e),
         }
-    }
-
-    /// A stored token that cannot be opened (its encryption key was retired, or it is damaged):
-    /// as on the job path, only a new connect flow helps.
-    pub fn unreadable() -> Self {
-        Self { connected: true, status: Some(TokenStatus::ReauthRequired.as_str()), expires_at: None, updated_at: None }
     }
 
     /// Whether jobs for this user can get a token: connected and not waiting for reauthorization.

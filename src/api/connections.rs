@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 
 use super::{ApiState, problem};
 use crate::messages::{ConnectionStatus, TokenEventKind};
-use crate::store::StoreError;
 
 /// `GET /v1/connections/{provider}/{user_id}`: never includes a token value.
 #[tracing::instrument(skip_all)]
@@ -22,12 +21,8 @@ pub(super) async fn status(
         Ok(found) => found,
         Err(response) => return response,
     };
-    match api.store.tokens(provider, &api.cipher).get(&user_id).await {
-        Ok(token) => Json(ConnectionStatus::of(token.as_ref())).into_response(),
-        Err(StoreError::Unreadable(e)) => {
-            tracing::warn!(error = %e, "a stored token cannot be read; reporting reauth_required");
-            Json(ConnectionStatus::unreadable()).into_response()
-        }
+    match ConnectionStatus::of(api.store.tokens(provider, &api.cipher).get(&user_id).await) {
+        Ok(status) => Json(status).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "could not read a connection");
             problem(StatusCode::SERVICE_UNAVAILABLE, "the database is unavailable")
