@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use rig::Rig;
-use support::{Flavor, McpServer, wait_until};
+use support::{Flavor, McpServer, repo, wait_until};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -43,10 +43,6 @@ fn quick() -> Vec<(&'static str, Value)> {
         ("tokens.defer_ms", json!(500)),
         ("worker.concurrency", json!(16)),
     ]
-}
-
-fn repo() -> &'static std::path::Path {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 async fn wait_for_executions(rig: &Rig, at_least: usize) {

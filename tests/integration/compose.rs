@@ -4,16 +4,13 @@
 //! read its output); `scripts/test` installs it.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 
-const README: &str = include_str!("../../README.md");
+use crate::support::repo;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+const README: &str = include_str!("../../README.md");
 
 /// `docker-compose config` with `env`: its normalized file as JSON, or its error text.
 fn compose_config(env: &[(&str, &str)]) -> Result<Value, String> {

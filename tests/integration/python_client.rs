@@ -6,13 +6,13 @@
 //! concurrent calls and timeouts; see its docstring. Then the demo CLI (`example.py`) is run for
 //! a connected and an unconnected user.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 
 use chrono::Utc;
 use serde_json::json;
 
-use crate::support::{Flavor, McpServer, SERVICE_KEY, TestApp, spawn_app_with_oauth, wait_until};
+use crate::support::{Flavor, McpServer, SERVICE_KEY, TestApp, repo, spawn_app_with_oauth, wait_until};
 
 /// Where the connect flow sends the browser at the end (allowed by the OAuth fixture's
 /// `http.return_to_allowlist`; nothing listens there, and nothing needs to).
@@ -20,10 +20,6 @@ const RETURN_TO: &str = "http://127.0.0.1:9/settings";
 
 /// The access token stored for the connected user; the Python side checks the MCP server got it.
 const CONNECTED_TOKEN: &str = "py-client-test-access-token";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn client_python() -> PathBuf {
     let python = repo().join(".venv/client/bin/python");

@@ -19,7 +19,6 @@
 //! - hand-made wrong messages are refused, so a schema that accepts anything would fail here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::process::Stdio;
 
 use chrono::Utc;
@@ -31,7 +30,7 @@ use mcp_worker::provider::Provider;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Flavor, McpServer, REPLY_WAIT, TestApp, connect_as_browser, declare_queue, spawn_app, spawn_app_with,
+    Flavor, McpServer, REPLY_WAIT, TestApp, connect_as_browser, declare_queue, repo, spawn_app, spawn_app_with,
     spawn_app_with_oauth, worker_env,
 };
 
@@ -84,10 +83,6 @@ fn provider_is_listed(provider: Provider) -> bool {
 }
 
 const SCHEMA_NAMES: [&str; 3] = ["job", "reply", "event"];
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `schemas/<name>.v1.schema.json`, parsed.
 fn schema_document(name: &str) -> Value {

@@ -2,11 +2,13 @@
 //! test, logging every HTTP request it receives so tests can see exactly what the worker sent.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::repo;
 
 /// SDK generation and response mode.
 #[derive(Clone, Copy, Debug)]
@@ -51,10 +53,6 @@ pub struct McpServer {
     port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn free_port() -> u16 {

@@ -54,10 +54,15 @@ where
     panic!("timed out waiting until {what}");
 }
 
+/// The repository's root, for its files and scripts.
+pub fn repo() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// `tests/corpus/bad_jobs`: every file is a body the worker must refuse, as (file name, body),
 /// sorted by name.
 pub fn bad_job_corpus() -> Vec<(String, Vec<u8>)> {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/bad_jobs");
+    let corpus = repo().join("tests/corpus/bad_jobs");
     let mut cases: Vec<(String, Vec<u8>)> = std::fs::read_dir(&corpus)
         .unwrap()
         .map(|entry| entry.unwrap().path())
