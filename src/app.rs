@@ -20,13 +20,13 @@ use crate::events::Events;
 use crate::mcp::{McpCallError, McpClients};
 use crate::messages::TokenEventKind;
 use crate::metrics::Metrics;
-use crate::oauth::OAuthClient;
+use crate::oauth::{OAuthClient, TokenRules};
 use crate::provider::Provider;
 use crate::queue::{Broker, Jobs, QueueError, Topology};
-use crate::refresher::{Refresher, RefresherConfig, RefresherError};
+use crate::refresher::{Refresher, RefresherConfig, RefresherError, RequestLimits};
 use crate::registry::Registry;
 use crate::store::{MigrationError, MigrationStatus, Store, StoreError, embedded_migrations};
-use crate::worker::{Worker, WorkerConfig};
+use crate::worker::{Worker, WorkerConfig, WorkerPeers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -44,7 +44,13 @@ pub enum AppError {
     Refresher(#[from] RefresherError),
     #[error("the HTTP API failed: {0}")]
     Api(#[from] std::io::Error),
+    /// A part's task panicked (or, for the broker supervisor, ended while the roles still ran).
+    #[error("{part} panicked: {message}")]
+    Panicked { part: &'static str, message: String },
 }
+
+/// A part of the process: its name in logs and errors, and the future that runs it.
+type Part = (&'static str, futures::future::BoxFuture<'static, Result<(), AppError>>);
 
 /// Which parts a process runs. The health and metrics endpoints are served whatever the roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +74,8 @@ pub struct App {
     http: (tokio::net::TcpListener, Arc<ApiState>),
     /// Whether the connect, disconnect and status endpoints are served (the `api` role).
     connections: bool,
+    /// What one HTTP client may take of the listener.
+    http_limits: api::Limits,
     metrics: Arc<Metrics>,
 }
 
@@ -81,13 +89,18 @@ impl App {
         let broker = Broker::connect(&settings.amqp.url, "mcp-worker", Some(topology(settings))).await?;
         let publisher = broker.publisher();
         let events = Events::new(publisher.clone(), settings.amqp.events_exchange.clone());
+        // The OAuth client's: it carries the client secret, PKCE verifiers and refresh tokens, so
+        // it never follows a redirect (a 3xx would re-send them to wherever it points); a 3xx is
+        // a failed request instead. Tested by `hostile_oauth::`.
         let http = reqwest::Client::builder()
             .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| QueueError::Connect(e.to_string()))?;
         let oauth: HashMap<Provider, Arc<OAuthClient>> = match settings.providers.get(Provider::Qlik) {
             Some(provider) => {
-                [(Provider::Qlik, Arc::new(OAuthClient::new(Provider::Qlik, provider, http.clone())?))].into()
+                let rules = TokenRules::from_settings(provider, &settings.tokens);
+                [(Provider::Qlik, Arc::new(OAuthClient::new(Provider::Qlik, provider, rules, http.clone())?))].into()
             }
             None => {
                 tracing::warn!("providers.qlik is not configured: no connect flow and no token refresh");
@@ -96,8 +109,8 @@ impl App {
         };
 
         let worker = if roles.worker {
-            let mcp =
-                Arc::new(McpClients::new(&registry, settings.mcp.connect_timeout(), settings.worker.concurrency)?);
+            let limits = settings.mcp.limits(settings.worker.concurrency);
+            let mcp = Arc::new(McpClients::new(&registry, &limits, metrics.clone())?);
             let config = WorkerConfig {
                 concurrency: settings.worker.concurrency,
                 job_limits: crate::job::Limits {
@@ -109,6 +122,7 @@ impl App {
                 delivery_limit: settings.amqp.delivery_limit,
                 clock_skew: Duration::from_secs(settings.tokens.clock_skew_secs),
                 max_deferrals: settings.tokens.max_deferrals,
+                max_waits: settings.worker.max_waits,
                 delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
                 refresh_queue: settings.amqp.refresh_queue.clone(),
                 shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
@@ -128,15 +142,16 @@ impl App {
                     })
                     .collect(),
             };
-            let worker = Worker::new(
-                config,
-                registry.clone(),
-                store.clone(),
-                cipher.clone(),
+            let peers = WorkerPeers {
+                registry: registry.clone(),
+                store: store.clone(),
+                cipher: cipher.clone(),
                 mcp,
-                publisher.clone(),
-                metrics.clone(),
-            );
+                publisher: publisher.clone(),
+                events: events.clone(),
+                metrics: metrics.clone(),
+            };
+            let worker = Worker::new(config, peers);
             // Subscribed before the first job is taken, so no event can slip between.
             let events = if worker.caches_tokens() {
                 let keys = TokenEventKind::ALL.map(TokenEventKind::routing_key);
@@ -162,6 +177,11 @@ impl App {
                     retry_initial: Duration::from_secs(settings.refresher.retry_initial_secs),
                     retry_max: Duration::from_secs(settings.refresher.retry_max_secs),
                     rate_per_minute: provider.rate_limit_per_minute,
+                    requests: RequestLimits {
+                        queue: settings.amqp.refresh_queue.clone(),
+                        dead_letter_queue: settings.amqp.dead_letter_queue.clone(),
+                        delivery_limit: settings.amqp.delivery_limit,
+                    },
                 };
                 let tokens = store.tokens(Provider::Qlik, &cipher);
                 let refresher = Refresher::new(tokens, client.clone(), events.clone(), config, metrics.clone());
@@ -187,11 +207,19 @@ impl App {
                 .iter()
                 .filter_map(|u| reqwest::Url::parse(u).ok())
                 .collect(),
-            state_ttl: chrono::Duration::seconds(i64::try_from(settings.http.state_ttl_secs).unwrap_or(i64::MAX)),
+            state_ttl: Duration::from_secs(settings.http.state_ttl_secs),
         };
         tracing::info!(listen = %listener.local_addr()?, connections = roles.api, "HTTP listener ready");
         tracing::info!(worker = worker.is_some(), refresher = refresher.is_some(), api = roles.api, "mcp-worker ready");
-        Ok(Self { broker, worker, refresher, http: (listener, Arc::new(state)), connections: roles.api, metrics })
+        Ok(Self {
+            broker,
+            worker,
+            refresher,
+            http: (listener, Arc::new(state)),
+            connections: roles.api,
+            http_limits: settings.http.limits(),
+            metrics,
+        })
     }
 
     /// Where the HTTP listener is bound (useful with port 0).
@@ -199,55 +227,107 @@ impl App {
         self.http.0.local_addr().expect("a bound listener has an address")
     }
 
-    /// Runs every role until `shutdown`; if one stops with an error, the others are stopped too
-    /// and that error is returned.
+    /// Runs every role until `shutdown`; if one stops with an error or panics, the others are
+    /// stopped too and that error (naming the part) is returned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let stop = shutdown.child_token();
-        let mut parts = tokio::task::JoinSet::new();
-        // The supervisor outlives the roles: replies still being published during the grace
-        // period may need the connection back.
-        let supervision = CancellationToken::new();
-        let supervisor = tokio::spawn({
-            let (broker, supervision, metrics) = (self.broker.clone(), supervision.clone(), self.metrics.clone());
-            async move { broker.supervise(supervision, || metrics.reconnected()).await }
-        });
+        let mut parts: Vec<Part> = Vec::new();
         if let Some((worker, jobs, events)) = self.worker {
             let (stop, broker) = (stop.clone(), self.broker.clone());
-            parts.spawn(async move {
-                worker.run(broker, jobs, events, stop).await;
-                Ok(())
-            });
+            parts.push((
+                "the worker",
+                Box::pin(async move {
+                    worker.run(broker, jobs, events, stop).await;
+                    Ok(())
+                }),
+            ));
         }
         if let Some((refresher, requests)) = self.refresher {
             let (stop, broker) = (stop.clone(), self.broker.clone());
-            parts.spawn(async move { refresher.run(broker, requests, stop).await.map_err(AppError::from) });
+            parts.push((
+                "the refresher",
+                Box::pin(async move { refresher.run(broker, requests, stop).await.map_err(AppError::from) }),
+            ));
         }
         // A process left with no role (e.g. `--roles refresher` without a provider) has nothing
         // to report on: it exits at once rather than serving probes for idleness.
         if !parts.is_empty() || self.connections {
             let (listener, state) = self.http;
-            let (connections, http_stop) = (self.connections, stop.clone());
-            parts.spawn(
-                async move { api::serve(listener, state, connections, http_stop).await.map_err(AppError::from) },
-            );
+            let (connections, http_stop, limits) = (self.connections, stop.clone(), self.http_limits);
+            parts.push((
+                "the HTTP listener",
+                Box::pin(async move {
+                    api::serve(listener, state, connections, limits, http_stop).await.map_err(AppError::from)
+                }),
+            ));
         }
-        let mut result = Ok(());
-        while let Some(joined) = parts.join_next().await {
-            let outcome = joined.unwrap_or_else(|e| Err(AppError::Api(std::io::Error::other(e.to_string()))));
-            if let Err(e) = outcome {
-                tracing::error!(error = %e, "a part stopped; stopping the others");
-                stop.cancel();
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
-        }
-        supervision.cancel();
-        let _ = supervisor.await;
+        // The supervisor outlives the roles: replies still being published during the grace
+        // period may need the connection back.
+        let supervision = CancellationToken::new();
+        let supervisor = {
+            let (broker, supervision, metrics) = (self.broker.clone(), supervision.clone(), self.metrics.clone());
+            async move { broker.supervise(supervision, || metrics.reconnected()).await }
+        };
+        let result = run_parts(parts, supervisor, &supervision, &stop).await;
         self.broker.close().await;
         tracing::info!("mcp-worker stopped");
         result
     }
+}
+
+/// Runs `parts` until all have ended, and `supervisor` until then (when `supervision` is
+/// cancelled and the supervisor awaited). The first part that fails,
+/// panics, or (for the supervisor) ends early fires `stop` for the others, and its error, which
+/// names it, is returned. A panic is caught in the part's own task, so it is reported under the
+/// part's name rather than as some task's failure.
+async fn run_parts(
+    parts: Vec<Part>,
+    supervisor: impl std::future::Future<Output = ()> + Send + 'static,
+    supervision: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<(), AppError> {
+    let mut running = tokio::task::JoinSet::new();
+    for (part, future) in parts {
+        running.spawn(async move {
+            crate::panics::caught(future)
+                .await
+                .unwrap_or_else(|panic| Err(AppError::Panicked { part, message: panic.0 }))
+        });
+    }
+    let mut supervisor = tokio::spawn(crate::panics::caught(supervisor));
+    let mut supervising = true;
+    let mut result = Ok(());
+    loop {
+        let outcome = tokio::select! {
+            joined = running.join_next() => match joined {
+                None => break,
+                Some(Ok(outcome)) => outcome,
+                // Parts are never aborted, and their panics are caught above.
+                Some(Err(e)) => Err(AppError::Panicked { part: "a part", message: e.to_string() }),
+            },
+            ended = &mut supervisor, if supervising => {
+                supervising = false;
+                let message = match ended {
+                    Ok(Err(panic)) => panic.0,
+                    Ok(Ok(())) => "it stopped while the roles still ran".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                Err(AppError::Panicked { part: "the broker supervisor", message })
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "a part stopped; stopping the others");
+            stop.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    supervision.cancel();
+    if supervising {
+        let _ = supervisor.await;
+    }
+    result
 }
 
 pub fn topology(settings: &Settings) -> Topology {
@@ -278,4 +358,44 @@ pub async fn migrate(settings: &Settings) -> Result<Vec<(String, MigrationStatus
 pub async fn check_migrations(settings: &Settings) -> Result<Vec<(String, MigrationStatus)>, AppError> {
     let store = Store::connect(&settings.mongodb).await?;
     Ok(store.migration_status(&embedded_migrations()?).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A part that runs until `stop`, like the roles do.
+    fn until_stopped(stop: &CancellationToken) -> Part {
+        let stop = stop.clone();
+        (
+            "the worker",
+            Box::pin(async move {
+                stop.cancelled().await;
+                Ok(())
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_part_that_panics_is_named_and_stops_the_others() {
+        let stop = CancellationToken::new();
+        let panicking: Part = ("the refresher", Box::pin(async { panic!("an overflowed date") }));
+        let supervision = CancellationToken::new();
+        let supervisor = {
+            let supervision = supervision.clone();
+            async move { supervision.cancelled().await }
+        };
+        let result = run_parts(vec![until_stopped(&stop), panicking], supervisor, &supervision, &stop).await;
+        let error = result.unwrap_err().to_string();
+        assert_eq!(error, "the refresher panicked: an overflowed date");
+        assert!(stop.is_cancelled() && supervision.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_supervisor_that_panics_is_named_and_stops_the_parts() {
+        let stop = CancellationToken::new();
+        let supervisor = async { panic!("lost its link") };
+        let result = run_parts(vec![until_stopped(&stop)], supervisor, &CancellationToken::new(), &stop).await;
+        assert_eq!(result.unwrap_err().to_string(), "the broker supervisor panicked: lost its link");
+    }
 }

@@ -66,6 +66,20 @@ pub struct HttpSettings {
     pub default_return_to: String,
     pub return_to_allowlist: Vec<String>,
     pub state_ttl_secs: u64,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub max_connections: usize,
+}
+
+impl HttpSettings {
+    /// What one client may take of the listener.
+    pub fn limits(&self) -> crate::api::Limits {
+        crate::api::Limits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +110,7 @@ pub struct ProviderSettings {
     pub scopes: Vec<String>,
     pub client_auth: ClientAuth,
     pub default_token_lifetime_secs: u64,
+    pub max_token_lifetime_secs: u64,
     pub rate_limit_per_minute: u32,
     pub request_timeout_secs: u64,
 }
@@ -126,6 +141,7 @@ pub struct TokenSettings {
     pub clock_skew_secs: u64,
     pub max_deferrals: u32,
     pub defer_ms: u64,
+    pub max_token_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +187,7 @@ pub struct WorkerSettings {
     pub results_ttl_secs: u64,
     pub retry_delays_ms: Vec<u64>,
     pub retry_jitter_percent: u64,
+    pub max_waits: u32,
 }
 
 impl WorkerSettings {
@@ -194,6 +211,8 @@ impl WorkerSettings {
 pub struct McpSettings {
     pub call_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    pub max_response_bytes: u64,
+    pub response_budget_bytes: u64,
     pub servers: BTreeMap<String, McpServerSettings>,
 }
 
@@ -217,6 +236,17 @@ impl McpSettings {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The MCP clients' bounds (validated: the budget fits a u32 and the limit fits the budget).
+    pub fn limits(&self, max_concurrent_calls: usize) -> crate::mcp::McpLimits {
+        let budget = u32::try_from(self.response_budget_bytes).unwrap_or(u32::MAX);
+        crate::mcp::McpLimits {
+            connect_timeout: self.connect_timeout(),
+            max_concurrent_calls,
+            max_response_bytes: usize::try_from(self.max_response_bytes).unwrap_or(usize::MAX).min(budget as usize),
+            response_budget_bytes: budget,
+        }
     }
 }
 
@@ -326,11 +356,31 @@ impl Settings {
         if self.worker.max_job_bytes < 256 {
             return Err(invalid("worker.max_job_bytes", "must be at least 256"));
         }
+        for (key, value) in [
+            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
+            ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
+            ("http.max_connections", self.http.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
         if self.mcp.call_timeout_ms == 0 {
             return Err(invalid("mcp.call_timeout_ms", "must be at least 1"));
         }
         if self.mcp.connect_timeout_ms == 0 {
             return Err(invalid("mcp.connect_timeout_ms", "must be at least 1"));
+        }
+        if self.mcp.max_response_bytes < 1024 {
+            return Err(invalid("mcp.max_response_bytes", "must be at least 1024"));
+        }
+        // The budget is a semaphore of bytes taken in u32 steps; an answer larger than the whole
+        // budget could never get its bytes.
+        if self.mcp.response_budget_bytes > u64::from(u32::MAX) {
+            return Err(invalid("mcp.response_budget_bytes", format!("must be at most {}", u32::MAX)));
+        }
+        if self.mcp.response_budget_bytes < self.mcp.max_response_bytes {
+            return Err(invalid("mcp.response_budget_bytes", "must be at least mcp.max_response_bytes"));
         }
         crate::crypto::KeyRing::from_settings(&self.encryption)?;
         for (key, value) in [
@@ -354,6 +404,27 @@ impl Settings {
         }
         if self.refresher.concurrency == 0 || self.refresher.batch < 1 {
             return Err(invalid("refresher.concurrency", "and refresher.batch must be at least 1"));
+        }
+        let min_lifetime = crate::oauth::accept::MIN_LIFETIME.as_secs();
+        // A year at most: a longer bound would let a provider's number park a token for ever.
+        if !(min_lifetime..=366 * 86_400).contains(&self.providers.qlik.max_token_lifetime_secs) {
+            return Err(invalid(
+                "providers.qlik.max_token_lifetime_secs",
+                format!("must be between {min_lifetime} and 31622400 (a year)"),
+            ));
+        }
+        if !(min_lifetime..=self.providers.qlik.max_token_lifetime_secs)
+            .contains(&self.providers.qlik.default_token_lifetime_secs)
+        {
+            return Err(invalid(
+                "providers.qlik.default_token_lifetime_secs",
+                format!("must be between {min_lifetime} and providers.qlik.max_token_lifetime_secs"),
+            ));
+        }
+        // Below 64 bytes no real token fits; above 1 MiB a token is no longer a header value any
+        // server accepts.
+        if !(64..=1 << 20).contains(&self.tokens.max_token_bytes) {
+            return Err(invalid("tokens.max_token_bytes", "must be between 64 and 1048576"));
         }
         if self.providers.qlik.rate_limit_per_minute == 0 {
             return Err(invalid("providers.qlik.rate_limit_per_minute", "must be at least 1"));

@@ -102,6 +102,56 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Job, InvalidJob> {
     Ok(Job { job_id: wire.job_id, user_id: wire.user_id, tool: wire.tool, arguments, deadline: wire.deadline })
 }
 
+impl Job {
+    /// What this job asks for, as a digest of its user, tool and arguments: a `job_id` is bound
+    /// to the call it was first claimed for, and a later delivery with the same id but another
+    /// call (another user's, say) must never be answered with that call's reply. Keys are hashed
+    /// in sorted order, so the same arguments written in another order are the same call.
+    pub(crate) fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        // Each part is JSON-encoded, so no choice of strings makes two calls hash alike.
+        for part in [&self.user_id, &self.tool] {
+            hasher.update(Value::String(part.clone()).to_string());
+            hasher.update(b"\0");
+        }
+        canonical(&Value::Object(self.arguments.clone()), &mut |bytes| hasher.update(bytes));
+        crate::crypto::hex(&hasher.finalize())
+    }
+}
+
+/// Writes `value` as JSON with every object's keys sorted. Recursive, which is safe: `decode`
+/// bounds the nesting at `worker.max_arguments_depth`.
+fn canonical(value: &Value, out: &mut dyn FnMut(&[u8])) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out(b"{");
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out(b",");
+                }
+                out(Value::String(key.clone()).to_string().as_bytes());
+                out(b":");
+                canonical(&map[key], out);
+            }
+            out(b"}");
+        }
+        Value::Array(items) => {
+            out(b"[");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out(b",");
+                }
+                canonical(item, out);
+            }
+            out(b"]");
+        }
+        scalar => out(scalar.to_string().as_bytes()),
+    }
+}
+
 /// Nesting depth of an object, without recursion (a hostile document cannot exhaust the stack).
 fn depth(arguments: &Map<String, Value>) -> usize {
     let mut deepest = 1;
@@ -128,8 +178,9 @@ fn salvage_job_id(text: &str) -> Option<String> {
     serde_json::from_str::<IdOnly>(text).ok().map(|x| x.job_id).filter(|id| usable_id(id))
 }
 
-/// Whether a job id may name the job in a reply: not blank, and at most [`MAX_ID_LEN`] bytes.
-fn usable_id(id: &str) -> bool {
+/// Whether an id (a job's or a user's) is one `decode` accepts: not blank, and at most
+/// [`MAX_ID_LEN`] bytes. `tokens import` applies it to the user it stores a token for.
+pub fn usable_id(id: &str) -> bool {
     !id.trim().is_empty() && id.len() <= MAX_ID_LEN
 }
 
@@ -144,6 +195,8 @@ pub enum ErrorCode {
     TokenUnavailable,
     McpUnavailable,
     McpProtocolError,
+    /// The MCP server refused the user (HTTP 403): their role at the provider does not allow it.
+    Forbidden,
     DeadlineExceeded,
     /// The job was delivered `amqp.delivery_limit` times without being settled (it crashed
     /// workers, or its reply could not be published); it was dead-lettered instead of run again.
@@ -234,6 +287,7 @@ impl ErrorCode {
             ErrorCode::TokenUnavailable => "token_unavailable",
             ErrorCode::McpUnavailable => "mcp_unavailable",
             ErrorCode::McpProtocolError => "mcp_protocol_error",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::DeliveryLimit => "delivery_limit",
             ErrorCode::Internal => "internal",
@@ -287,6 +341,28 @@ mod tests {
             );
             let _ = decode(body.as_bytes(), MAX);
         }
+    }
+
+    #[test]
+    fn a_fingerprint_names_the_user_tool_and_arguments_whatever_the_key_order() {
+        let job = |body: &str| decode(body.as_bytes(), MAX).unwrap().fingerprint();
+        let base = job(r#"{"job_id":"j","user_id":"alice","tool":"t","arguments":{"a":1,"b":{"x":[1,"2"],"y":null}}}"#);
+        let reordered =
+            job(r#"{"job_id":"other","user_id":"alice","tool":"t","arguments":{"b":{"y":null,"x":[1,"2"]},"a":1}}"#);
+        assert_eq!(base, reordered, "the job_id and the key order are not part of the call");
+        for other in [
+            r#"{"job_id":"j","user_id":"bob","tool":"t","arguments":{"a":1,"b":{"x":[1,"2"],"y":null}}}"#,
+            r#"{"job_id":"j","user_id":"alice","tool":"u","arguments":{"a":1,"b":{"x":[1,"2"],"y":null}}}"#,
+            r#"{"job_id":"j","user_id":"alice","tool":"t","arguments":{"a":1,"b":{"x":[1,2],"y":null}}}"#,
+            r#"{"job_id":"j","user_id":"alice","tool":"t","arguments":{"a":1}}"#,
+        ] {
+            assert_ne!(job(other), base, "{other}");
+        }
+        // The parts are delimited: moving characters between user and tool is another call.
+        assert_ne!(
+            job(r#"{"job_id":"j","user_id":"ab","tool":"c"}"#),
+            job(r#"{"job_id":"j","user_id":"a","tool":"bc"}"#)
+        );
     }
 
     #[test]

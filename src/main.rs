@@ -13,6 +13,8 @@ use mcp_worker::app::{self, App, Roles};
 use mcp_worker::config::Settings;
 use mcp_worker::crypto::TokenCipher;
 use mcp_worker::messages::ConnectionStatus;
+use mcp_worker::oauth::TokenRules;
+use mcp_worker::oauth::accept::{MIN_LIFETIME, check_tokens};
 use mcp_worker::provider::Provider;
 use mcp_worker::queue::Broker;
 use mcp_worker::secret::Secret;
@@ -134,10 +136,16 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("mcp-worker: {e:#}");
-            ExitCode::FAILURE
+            // Bad input exits 2, like an invalid configuration: running it again will not help.
+            if e.is::<Refused>() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
+
+/// Input the command refuses (exit 2), with the problem in words; never a token's value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
@@ -168,8 +176,9 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
         }
         Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,
         Command::Config(ConfigCommand::Check) => {
-            // `Secret` values print as [redacted] in Debug output, so this is safe to share.
-            println!("{settings:#?}");
+            // `Secret` values print as [redacted] in Debug output, and the userinfo of every URL
+            // is redacted, so this is safe to share.
+            println!("{}", mcp_worker::redact::credentials(&format!("{settings:#?}")));
             println!("configuration is valid");
         }
         Command::Tokens(TokensCommand::Status { user }) => {
@@ -188,15 +197,33 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             eprintln!("re-encrypted {rewritten} token document(s) under the active key");
         }
         Command::Tokens(TokensCommand::Import { user, expires_in }) => {
+            if !mcp_worker::job::usable_id(&user) {
+                bail!(Refused(format!("--user must be 1 to {} bytes and not blank", mcp_worker::job::MAX_ID_LEN)));
+            }
+            let provider = settings.providers.get(Provider::Qlik).unwrap_or(&settings.providers.qlik);
+            let rules = TokenRules::from_settings(provider, &settings.tokens);
+            let lifetime = u64::try_from(expires_in)
+                .ok()
+                .map(Duration::from_secs)
+                .filter(|l| (MIN_LIFETIME..=rules.max_lifetime).contains(l))
+                .ok_or_else(|| {
+                    Refused(format!(
+                        "--expires-in must be between {} and {} seconds (providers.qlik.max_token_lifetime_secs)",
+                        MIN_LIFETIME.as_secs(),
+                        rules.max_lifetime.as_secs()
+                    ))
+                })?;
             let mut input = String::new();
             std::io::stdin().read_to_string(&mut input)?;
             let imported: ImportedTokens = serde_json::from_str(&input)
                 .context("stdin must hold {\"access_token\": \"...\", \"refresh_token\": \"...\"}")?;
+            check_tokens(imported.access_token.expose(), imported.refresh_token.expose(), &rules)
+                .map_err(|problem| Refused(format!("{problem} (tokens.max_token_bytes, visible ASCII only)")))?;
             let now = Utc::now();
             let tokens = NewTokens {
                 access_token: imported.access_token,
                 refresh_token: imported.refresh_token,
-                expires_at: now + chrono::Duration::seconds(expires_in),
+                expires_at: mcp_worker::dates::after(now, lifetime),
             };
             let cipher = Arc::new(TokenCipher::from_settings(&settings.encryption)?);
             let store = Store::connect(&settings.mongodb).await?;

@@ -46,6 +46,10 @@ pub struct RefreshRequest {
     pub provider: Provider,
     pub user_id: String,
     pub needed_until: DateTime<Utc>,
+    /// The MCP server refused the user's current token (HTTP 401): renew it whatever its expiry.
+    /// Absent in requests from older workers.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 /// A user's connection as the chat backend sees it: never a token value.

@@ -108,6 +108,10 @@ pub struct Metrics {
     tokens_overdue: Gauge,
     refresh_lag: Gauge<f64, AtomicU64>,
     reconnects: Counter,
+    unreadable_tokens: Counter,
+    replies_not_recorded: Counter,
+    mcp_response_bytes: Gauge,
+    mcp_response_bytes_peak: Gauge,
 }
 
 impl Default for Metrics {
@@ -134,6 +138,10 @@ impl Metrics {
             tokens_overdue: Gauge::default(),
             refresh_lag: Gauge::default(),
             reconnects: Counter::default(),
+            unreadable_tokens: Counter::default(),
+            replies_not_recorded: Counter::default(),
+            mcp_response_bytes: Gauge::default(),
+            mcp_response_bytes_peak: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -186,6 +194,26 @@ impl Metrics {
             "Times the broker connection was lost and established again",
             metrics.reconnects.clone(),
         );
+        registry.register(
+            "unreadable_tokens",
+            "Jobs answered reauth_required because their user's stored token could not be read (retired key, damaged value, a document of the wrong shape)",
+            metrics.unreadable_tokens.clone(),
+        );
+        registry.register(
+            "replies_not_recorded",
+            "Replies published although recording them for redeliveries failed (a redelivery may then run the job again)",
+            metrics.replies_not_recorded.clone(),
+        );
+        registry.register(
+            "mcp_response_bytes",
+            "Bytes of MCP answers held now, out of mcp.response_budget_bytes",
+            metrics.mcp_response_bytes.clone(),
+        );
+        registry.register(
+            "mcp_response_bytes_peak",
+            "The most bytes of MCP answers held at once since the process started",
+            metrics.mcp_response_bytes_peak.clone(),
+        );
         Self { registry, ..metrics }
     }
 
@@ -230,6 +258,22 @@ impl Metrics {
     /// Counts a broker link established again after a loss.
     pub fn reconnected(&self) {
         self.reconnects.inc();
+    }
+
+    /// Counts a job refused because its user's stored token could not be read.
+    pub(crate) fn unreadable_token(&self) {
+        self.unreadable_tokens.inc();
+    }
+
+    /// Counts a reply that was published without being recorded.
+    pub(crate) fn reply_not_recorded(&self) {
+        self.replies_not_recorded.inc();
+    }
+
+    /// Sets the MCP response budget's gauges: bytes held now, and the most held at once.
+    pub fn mcp_response_bytes(&self, in_flight: u64, peak: u64) {
+        self.mcp_response_bytes.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        self.mcp_response_bytes_peak.set(i64::try_from(peak).unwrap_or(i64::MAX));
     }
 
     /// The metrics in the OpenMetrics text format ([`CONTENT_TYPE`]).

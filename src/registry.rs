@@ -174,6 +174,8 @@ mod tests {
         Registry::from_settings(&McpSettings {
             call_timeout_ms: 1,
             connect_timeout_ms: 1,
+            max_response_bytes: 1024,
+            response_budget_bytes: 1024,
             servers: servers.into_iter().map(|(n, s)| (n.to_owned(), s)).collect(),
         })
     }

@@ -91,7 +91,9 @@ fn clients(addr: SocketAddr) -> McpClients {
     ));
     let settings = Settings::from_figment(figment).unwrap();
     let registry = Registry::from_settings(&settings.mcp).unwrap();
-    McpClients::new(&registry, Duration::from_secs(2), 8).unwrap()
+    let mut limits = settings.mcp.limits(8);
+    limits.connect_timeout = Duration::from_secs(2);
+    McpClients::new(&registry, &limits, Default::default()).unwrap()
 }
 
 /// Any JSON value, a few levels deep.
@@ -165,7 +167,7 @@ fn sse() -> impl Strategy<Value = Vec<u8>> {
 fn answer() -> impl Strategy<Value = Answer> {
     let status = prop_oneof![
         6 => Just(200u16),
-        1 => prop::sample::select(vec![202u16, 204, 400, 401, 404, 406, 429, 500, 502, 503]),
+        1 => prop::sample::select(vec![202u16, 204, 400, 401, 403, 404, 406, 429, 500, 502, 503]),
     ];
     let json_body = prop_oneof![envelope().prop_map(String::into_bytes), prop::collection::vec(any::<u8>(), 0..256)];
     prop_oneof![
@@ -237,7 +239,10 @@ fn any_answer_to_tools_call_gives_a_result_or_an_error_in_time_and_never_a_panic
                 Err(McpCallError::Timeout { .. }) => "timeout",
                 Err(McpCallError::Rpc { .. }) => "rpc",
                 Err(McpCallError::Unauthorized { .. }) => "unauthorized",
+                Err(McpCallError::Forbidden { .. }) => "forbidden",
                 Err(McpCallError::Protocol { .. }) => "protocol",
+                Err(McpCallError::Redirected { .. }) => "redirected",
+                Err(McpCallError::OverBudget { .. }) => "over budget",
             };
             *errors.lock().unwrap().entry(kind).or_default() += 1;
             prop_assert_eq!(panics.load(Ordering::SeqCst), 0, "something panicked");

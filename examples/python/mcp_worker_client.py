@@ -97,6 +97,12 @@ class ReauthRequired(NeedsConnect):
     only a new connect flow helps. The tool was not called."""
 
 
+class Forbidden(ToolCallFailed):
+    """`forbidden`: the MCP server refused the user (HTTP 403), e.g. their Qlik role lacks the
+    "Qlik MCP: Allowed" permission. Reconnecting does not help; `message` carries the server's
+    reason: tell the user, or their administrator. The tool was not called."""
+
+
 class CallTimeout(McpWorkerError, TimeoutError):
     """No answer in time: either no reply arrived within the call's timeout, or the worker replied
     `deadline_exceeded` (the job's deadline, which is that same timeout, passed first).
@@ -296,6 +302,8 @@ class McpWorkerClient:
             raise kind(code, message, retryable, connect_url=url, job_id=job_id, provider=provider)
         if code == "deadline_exceeded":
             raise CallTimeout(job_id, timeout)
+        if code == "forbidden":
+            raise Forbidden(code, message, retryable, job_id=job_id, provider=provider)
         raise ToolCallFailed(code, message, retryable, job_id=job_id, provider=provider)
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

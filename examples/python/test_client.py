@@ -41,6 +41,7 @@ from mcp_worker_client import (  # noqa: E402  (after the path set-up above)
     JobNotDelivered,
     McpWorkerClient,
     NotConnected,
+    Forbidden,
     ReauthRequired,
     ToolCallFailed,
 )
@@ -147,6 +148,15 @@ class ClientAgainstTheWorker(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(caught.exception.code, "unknown_tool")
         self.assertFalse(caught.exception.retryable)
         self.assertIn("no_such_tool", caught.exception.message)
+
+    async def test_a_server_that_refuses_the_users_role_raises_forbidden_with_its_reason(self) -> None:
+        user = setting("MCP_CLIENT_TEST_CONNECTED_USER")
+        with self.assertRaises(Forbidden) as caught:
+            await self.client.call(user, "qlik_forbidden", {}, timeout=30)
+        self.assertEqual(caught.exception.code, "forbidden")
+        self.assertFalse(caught.exception.retryable)
+        self.assertEqual(caught.exception.provider, "qlik")
+        self.assertIn("Qlik MCP: Allowed", caught.exception.message)
 
     async def test_a_user_who_is_not_connected_is_sent_to_connect_and_then_the_call_works(self) -> None:
         user = f"py-newcomer-{uuid.uuid4().hex[:8]}"

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiState, page, problem};
 use crate::messages::TokenEventKind;
+use crate::oauth::FailureKind;
 use crate::store::PendingConnect;
 
 #[derive(Deserialize)]
@@ -65,7 +66,7 @@ pub(super) async fn authorize(
         user_id: body.user_id,
         pkce_verifier: request.pkce_verifier,
         return_to: body.return_to,
-        expires_at: now + api.state_ttl,
+        expires_at: crate::dates::after(now, api.state_ttl),
     };
     if let Err(e) = api.store.states(&api.cipher).save(&state, &pending, now).await {
         tracing::warn!(error = %e, "could not store a connect flow");
@@ -128,6 +129,14 @@ pub(super) async fn callback(
     };
     let tokens = match client.exchange_code(code, &pending.pkce_verifier, Utc::now()).await {
         Ok(tokens) => tokens,
+        Err(e) if e.kind == FailureKind::UnusableToken => {
+            tracing::error!(error = %e, "code exchange answered with an unusable token; nothing stored");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Connection failed",
+                "The provider returned an unusable token. Nothing was stored. Start again from the chat, or ask your administrator.",
+            );
+        }
         Err(e) => {
             tracing::warn!(error = %e, "code exchange failed");
             return page(

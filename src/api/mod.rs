@@ -7,6 +7,7 @@
 mod connect;
 mod connections;
 mod health;
+mod listener;
 mod metrics;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use crate::provider::Provider;
 use crate::queue::Broker;
 use crate::secret::Secret;
 use crate::store::Store;
+pub use listener::Limits;
 
 /// What the handlers share.
 pub struct ApiState {
@@ -38,7 +40,7 @@ pub struct ApiState {
     pub service_key: Secret<String>,
     pub default_return_to: String,
     pub return_to_allowlist: Vec<reqwest::Url>,
-    pub state_ttl: chrono::Duration,
+    pub state_ttl: std::time::Duration,
 }
 
 /// The routes: health, readiness and metrics always; the connection endpoints when
@@ -58,16 +60,15 @@ pub fn router(state: Arc<ApiState>, connections: bool) -> Router {
     router.with_state(state)
 }
 
-/// Serves the routes on `listener` until `shutdown`.
+/// Serves the routes on `listener` within `limits` until `shutdown`; see [`listener`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
     connections: bool,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, connections))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    listener::serve(listener, router(state, connections), limits, shutdown).await
 }
 
 impl ApiState {

@@ -8,13 +8,18 @@ use rmcp::model::{
     CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation,
     ProtocolVersion, ServerResult,
 };
-use rmcp::service::{ClientLifecycleMode, ClientServiceExt, PeerRequestOptions, RunningService, ServiceError};
+use rmcp::service::{
+    ClientInitializeError, ClientLifecycleMode, ClientServiceExt, PeerRequestOptions, RunningService, ServiceError,
+};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfig, StreamableHttpError};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
+use super::budget::ResponseBudget;
 use super::credential::CredentialClient;
+use super::response::Refusal;
+use crate::redact;
 use crate::registry::CredentialHeader;
 
 /// Why a tool call got no result. The worker decides what each means for the job.
@@ -29,12 +34,26 @@ pub enum McpCallError {
     /// The server answered the call with a JSON-RPC error.
     #[error("MCP server `{server}` answered with JSON-RPC error {code}: {message}")]
     Rpc { server: String, code: i32, message: String },
-    /// The server refused the credential (HTTP 401 or 403).
+    /// The server refused the credential (HTTP 401): it may be revoked, or expired early.
     #[error("MCP server `{server}` refused the request's credential")]
     Unauthorized { server: String },
+    /// The server refused the user although it took the credential (HTTP 403): for Qlik, the
+    /// user's role lacks the "Qlik MCP: Allowed" permission. `description` is the server's reason.
+    #[error("MCP server `{server}` refused the user (HTTP 403){}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Forbidden { server: String, description: Option<String> },
     /// The server's answer was not valid MCP.
     #[error("MCP server `{server}` answered with something that is not valid MCP: {detail}")]
     Protocol { server: String, detail: String },
+    /// The server answered with a redirect, which is never followed: a token goes only to the
+    /// configured origin.
+    #[error("MCP server `{server}` answered HTTP {status}, a redirect; redirects are not followed")]
+    Redirected { server: String, status: u16 },
+    /// The answer could not get its bytes from `mcp.response_budget_bytes` in the time allowed:
+    /// other large answers held the budget.
+    #[error(
+        "the answer of MCP server `{server}` did not fit in the response budget (mcp.response_budget_bytes) in time"
+    )]
+    OverBudget { server: String },
 }
 
 type Session = RunningService<RoleClient, ClientConfig>;
@@ -42,7 +61,8 @@ type Session = RunningService<RoleClient, ClientConfig>;
 pub struct McpClient {
     server: String,
     url: String,
-    http: reqwest::Client,
+    http: CredentialClient,
+    budget: Arc<ResponseBudget>,
     max_concurrent_calls: usize,
     connect_timeout: Duration,
     /// The live session, created on first use and replaced when its transport closes.
@@ -53,13 +73,14 @@ impl McpClient {
     pub(super) fn new(
         server: &str,
         url: &str,
-        http: reqwest::Client,
+        http: CredentialClient,
         connect_timeout: Duration,
         max_concurrent_calls: usize,
     ) -> Self {
         Self {
             server: server.to_owned(),
             url: url.to_owned(),
+            budget: http.budget.clone(),
             http,
             max_concurrent_calls,
             connect_timeout,
@@ -68,7 +89,8 @@ impl McpClient {
     }
 
     /// Calls `tool` and returns its `CallToolResult` as JSON, tool failures (`isError: true`)
-    /// included. Everything, connecting included, happens within `timeout`.
+    /// included. Everything, connecting included, happens within `timeout`. The answer's bytes
+    /// are held from the response budget until the JSON is built.
     #[tracing::instrument(skip_all, fields(server = %self.server, tool = %tool))]
     pub async fn call_tool(
         &self,
@@ -77,6 +99,7 @@ impl McpClient {
         credential: Option<CredentialHeader>,
         timeout: Duration,
     ) -> Result<Value, McpCallError> {
+        let account = self.budget.account(timeout);
         let call = async {
             let session = self.session().await?;
             let mut request =
@@ -84,6 +107,7 @@ impl McpClient {
             if let Some(credential) = credential {
                 request.extensions.insert(credential);
             }
+            request.extensions.insert(account.clone());
             let options = PeerRequestOptions::no_options();
             let outcome =
                 match session.peer().send_request_with_option(ClientRequest::CallToolRequest(request), options).await {
@@ -95,9 +119,10 @@ impl McpClient {
             }
             outcome.map_err(|e| self.classify(e))
         };
-        let result = tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| McpCallError::Timeout { server: self.server.clone(), after: timeout })??;
+        let result = tokio::time::timeout(timeout, call).await.map_err(|_| match account.is_waiting() {
+            true => McpCallError::OverBudget { server: self.server.clone() },
+            false => McpCallError::Timeout { server: self.server.clone(), after: timeout },
+        })??;
         match result {
             ServerResult::CallToolResult(result) => serde_json::to_value(result)
                 .map_err(|e| McpCallError::Protocol { server: self.server.clone(), detail: e.to_string() }),
@@ -133,8 +158,7 @@ impl McpClient {
     async fn connect(&self) -> Result<Session, McpCallError> {
         let config = StreamableHttpClientTransportConfig::with_uri(self.url.as_str())
             .max_concurrent_requests(self.max_concurrent_calls);
-        let transport =
-            StreamableHttpClientTransport::with_client(CredentialClient { http: self.http.clone() }, config);
+        let transport = StreamableHttpClientTransport::with_client(self.http.clone(), config);
         let info = ClientConfig::new(
             ClientCapabilities::default(),
             Implementation::new("mcp-worker", env!("CARGO_PKG_VERSION")),
@@ -145,8 +169,21 @@ impl McpClient {
         let session = tokio::time::timeout(self.connect_timeout, info.serve_with_lifecycle(transport, lifecycle))
             .await
             .map_err(|_| unavailable(format!("no answer to the handshake within {:?}", self.connect_timeout)))?
-            .map_err(|e| unavailable(e.to_string()))?;
-        tracing::info!(url = %self.url, "connected to MCP server");
+            .map_err(|e| {
+                let refusal = match &e {
+                    ClientInitializeError::TransportError { error, .. } => Refusal::find(error.error.as_ref()),
+                    _ => None,
+                };
+                match refusal {
+                    // The handshake carries no user's token, so a 401/403 to it says nothing about
+                    // one: like any failed first contact, it may be a server still starting.
+                    Some(Refusal::Unauthorized | Refusal::Forbidden { .. }) | None => {
+                        unavailable(redact::credentials(&e.to_string()).into_owned())
+                    }
+                    Some(refusal) => refused(self.server.clone(), refusal),
+                }
+            })?;
+        tracing::info!(url = %redact::credentials(&self.url), "connected to MCP server");
         Ok(session)
     }
 
@@ -158,17 +195,35 @@ impl McpClient {
             ServiceError::TransportClosed => {
                 McpCallError::Unavailable { server, detail: "the connection closed".into() }
             }
-            ServiceError::TransportSend(e) => match e.error.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
-                Some(http) => classify_http(server, http),
-                None => McpCallError::Unavailable { server, detail: e.error.to_string() },
+            ServiceError::TransportSend(e) => match (Refusal::find(e.error.as_ref()), e.error.downcast_ref()) {
+                (Some(refusal), _) => refused(server, refusal),
+                (None, Some(http)) => classify_http(server, http),
+                (None, None) => {
+                    McpCallError::Unavailable { server, detail: redact::credentials(&e.error.to_string()).into_owned() }
+                }
             },
-            other => McpCallError::Protocol { server, detail: other.to_string() },
+            other => McpCallError::Protocol { server, detail: redact::credentials(&other.to_string()).into_owned() },
         }
     }
 }
 
-/// What a failed HTTP exchange means: reaching the server again may help, or it will not.
+/// What our own refusal to send a request or use its answer means for the call.
+fn refused(server: String, refusal: &Refusal) -> McpCallError {
+    match refusal {
+        Refusal::Redirected { status } => McpCallError::Redirected { server, status: *status },
+        Refusal::Unauthorized => McpCallError::Unauthorized { server },
+        Refusal::Forbidden { description } => McpCallError::Forbidden { server, description: description.clone() },
+        Refusal::OverBudget(_) => McpCallError::OverBudget { server },
+        Refusal::ForeignOrigin | Refusal::TooLarge { .. } => {
+            McpCallError::Protocol { server, detail: refusal.to_string() }
+        }
+    }
+}
+
+/// What a failed HTTP exchange means: reaching the server again may help, or it will not. The
+/// detail is the error's text with credentials redacted: reqwest's names the URL.
 fn classify_http(server: String, error: &StreamableHttpError<reqwest::Error>) -> McpCallError {
+    let detail = || redact::credentials(&error.to_string()).into_owned();
     match error {
         StreamableHttpError::Client(_)
         | StreamableHttpError::Io(_)
@@ -177,11 +232,12 @@ fn classify_http(server: String, error: &StreamableHttpError<reqwest::Error>) ->
         | StreamableHttpError::TransportChannelClosed
         | StreamableHttpError::SessionExpired
         | StreamableHttpError::SessionRecoveryTimeout
-        | StreamableHttpError::TokioJoinError(_) => McpCallError::Unavailable { server, detail: error.to_string() },
-        StreamableHttpError::AuthRequired(_) | StreamableHttpError::InsufficientScope(_) => {
-            McpCallError::Unauthorized { server }
-        }
-        _ => McpCallError::Protocol { server, detail: error.to_string() },
+        | StreamableHttpError::TokioJoinError(_) => McpCallError::Unavailable { server, detail: detail() },
+        StreamableHttpError::AuthRequired(_) => McpCallError::Unauthorized { server },
+        // A challenge for more scope than the configured grant has: the user cannot fix it by
+        // reconnecting, as for any other 403.
+        StreamableHttpError::InsufficientScope(_) => McpCallError::Forbidden { server, description: None },
+        _ => McpCallError::Protocol { server, detail: detail() },
     }
 }
 

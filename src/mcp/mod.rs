@@ -4,17 +4,36 @@
 //! server, all sharing one reqwest connection pool; a tool call carries the user's credential
 //! header for that one request (see [`credential`]). rmcp negotiates the protocol: it tries the
 //! modern `server/discover` (2026-07-28) and falls back to `initialize` for older servers, parses
-//! JSON and SSE responses, and re-initializes a stateful server's expired session.
+//! JSON and SSE responses, and re-initializes a stateful server's expired session. The HTTP
+//! client follows no redirect, sends a token only to its server's configured origin, and reads
+//! every answer within `mcp.max_response_bytes` and the process-wide `mcp.response_budget_bytes`
+//! ([`budget`]).
 
+mod budget;
 mod client;
 mod credential;
+mod response;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{McpCallError, McpClient};
 
+use crate::metrics::Metrics;
 use crate::registry::Registry;
+
+/// What bounds the MCP clients' connections and answers.
+pub struct McpLimits {
+    /// Longest first contact with a server (`mcp.connect_timeout_ms`).
+    pub connect_timeout: Duration,
+    /// Calls one client runs at once.
+    pub max_concurrent_calls: usize,
+    /// The largest answer read (`mcp.max_response_bytes`).
+    pub max_response_bytes: usize,
+    /// Bytes of answers held at once by the whole process (`mcp.response_budget_bytes`).
+    pub response_budget_bytes: u32,
+}
 
 /// One client per configured server, by server name.
 pub struct McpClients {
@@ -23,25 +42,33 @@ pub struct McpClients {
 
 impl McpClients {
     /// Creates the clients; none connects until its first call.
-    pub fn new(
-        registry: &Registry,
-        connect_timeout: Duration,
-        max_concurrent_calls: usize,
-    ) -> Result<Self, McpCallError> {
+    pub fn new(registry: &Registry, limits: &McpLimits, metrics: Arc<Metrics>) -> Result<Self, McpCallError> {
+        // No redirect is followed, to any origin: reqwest would replay the token header to the
+        // new location (it strips only `Authorization` across hosts). A 3xx is an error instead.
         let http = reqwest::Client::builder()
             .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(connect_timeout)
+            .connect_timeout(limits.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| McpCallError::Unavailable { server: String::new(), detail: e.to_string() })?;
-        let clients = registry
-            .servers()
-            .iter()
-            .map(|server| {
-                let client =
-                    McpClient::new(&server.name, &server.url, http.clone(), connect_timeout, max_concurrent_calls);
-                (server.name.clone(), client)
-            })
-            .collect();
+        let budget = budget::ResponseBudget::new(limits.response_budget_bytes, metrics);
+        let mut clients = HashMap::new();
+        for server in registry.servers() {
+            let url = reqwest::Url::parse(&server.url).map_err(|e| McpCallError::Unavailable {
+                server: server.name.clone(),
+                detail: format!("the configured URL does not parse: {e}"),
+            })?;
+            let http = credential::CredentialClient {
+                http: http.clone(),
+                server: url,
+                budget: budget.clone(),
+                max_response_bytes: limits.max_response_bytes,
+                handshake_wait: limits.connect_timeout,
+            };
+            let client =
+                McpClient::new(&server.name, &server.url, http, limits.connect_timeout, limits.max_concurrent_calls);
+            clients.insert(server.name.clone(), client);
+        }
         Ok(Self { clients })
     }
 

@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailureKind {
     /// The grant is gone (RFC `invalid_grant`, Qlik's 401 for a used or revoked refresh token,
@@ -15,14 +17,23 @@ pub enum FailureKind {
     Permanent,
     /// Worth trying again later: network trouble, 5xx, 429.
     Transient { retry_after: Option<Duration> },
-    /// The provider refuses our client or our request: fix the configuration.
+    /// The provider refuses our client or our request, or answers with a redirect (which is
+    /// never followed: it would carry the client secret, the verifier or the refresh token to
+    /// another host): fix the configuration.
     Misconfigured,
+    /// The provider answered with tokens we cannot use (see [`super::accept::check_token`]).
+    /// Nothing is stored; like `Misconfigured` it is retried with backoff and logged as an
+    /// error, since the fault is the provider's, not the grant's.
+    UnusableToken,
 }
 
 /// Classifies a token endpoint failure. `status` is `None` when no HTTP answer came at all.
 pub fn classify(status: Option<u16>, error: Option<&str>, retry_after: Option<Duration>) -> FailureKind {
     match (status, error) {
         (None, _) => FailureKind::Transient { retry_after: None },
+        // Before the error codes: a redirect that also carries `invalid_grant` is still a
+        // redirect, and must not disconnect anyone.
+        (Some(s), _) if (300..400).contains(&s) => FailureKind::Misconfigured,
         (Some(429), _) => FailureKind::Transient { retry_after },
         (Some(s), _) if s >= 500 => FailureKind::Transient { retry_after },
         (Some(_), Some("invalid_grant")) => FailureKind::Permanent,
@@ -43,10 +54,17 @@ pub fn classify(status: Option<u16>, error: Option<&str>, retry_after: Option<Du
     }
 }
 
-/// `Retry-After` in its delay-seconds form; the HTTP-date form is rare on token endpoints and is
-/// treated as absent (the caller's own backoff applies).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// `Retry-After` as a wait from `now`: delay-seconds of any size (saturating at
+/// `Duration::MAX`, for the caller to clamp), or an HTTP date (RFC 9110's IMF-fixdate, which
+/// chrono's RFC 2822 parser reads; a date in the past is no wait). Anything else is absent, and
+/// the caller's own backoff applies.
+pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(value.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
+    }
+    let date = DateTime::parse_from_rfc2822(value).ok()?;
+    Some(crate::dates::until(now, date.with_timezone(&Utc)))
 }
 
 #[cfg(test)]
@@ -74,7 +92,26 @@ mod tests {
         assert_eq!(classify(Some(503), None, None), FailureKind::Transient { retry_after: None });
         let wait = Some(Duration::from_secs(7));
         assert_eq!(classify(Some(429), Some("slow_down"), wait), FailureKind::Transient { retry_after: wait });
-        assert_eq!(parse_retry_after(" 7 "), wait);
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn redirects_are_misconfiguration_whatever_the_body_says() {
+        for status in [301, 302, 303, 307, 308] {
+            assert_eq!(classify(Some(status), None, None), FailureKind::Misconfigured);
+            assert_eq!(classify(Some(status), Some("invalid_grant"), None), FailureKind::Misconfigured);
+        }
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_of_any_size_or_as_a_date() {
+        let now = DateTime::parse_from_rfc3339("2026-10-21T07:28:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("99999999999999999999999", now), Some(Duration::MAX));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:30:00 GMT", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:00:00 GMT", now), Some(Duration::ZERO), "past");
+        assert_eq!(parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now).map(|d| d > Duration::ZERO), Some(true));
+        for junk in ["", "-5", "1.5", "soon", "7 s"] {
+            assert_eq!(parse_retry_after(junk, now), None, "{junk:?}");
+        }
     }
 }

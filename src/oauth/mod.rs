@@ -2,22 +2,27 @@
 //!
 //! [`OAuthClient`] builds authorization URLs (PKCE S256, RFC 7636), exchanges codes and refresh
 //! tokens (RFC 6749) and revokes refresh tokens (RFC 7009). HTTP goes through the service's own
-//! reqwest client; the status code of a failed request is kept so [`failure::classify`] can tell a
-//! dead grant from an outage.
+//! reqwest client, which must not follow redirects (see `App::build`); the status code of a failed
+//! request is kept so [`failure::classify`] can tell a dead grant from an outage. What a token
+//! answer may contain is decided by [`accept`] before anything is returned to be stored.
 
+pub mod accept;
+mod answer;
 pub mod failure;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use oauth2::basic::{BasicClient, BasicErrorResponse};
+use oauth2::basic::{BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet, HttpRequest,
     HttpResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
-    TokenResponse, TokenUrl,
+    StandardRevocableToken, TokenResponse, TokenUrl,
 };
 
+pub use accept::{TokenRules, UnusableToken};
+use answer::TokenAnswer;
 pub use failure::FailureKind;
 
 use crate::config::{ClientAuth, ConfigError, ProviderSettings};
@@ -25,7 +30,19 @@ use crate::provider::Provider;
 use crate::secret::Secret;
 use crate::store::NewTokens;
 
-type Client = BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+/// `oauth2`'s basic client, but reading token answers as [`TokenAnswer`] (lenient `expires_in`).
+type Client = oauth2::Client<
+    BasicErrorResponse,
+    TokenAnswer,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{provider} token endpoint: {detail}")]
@@ -51,7 +68,7 @@ pub struct OAuthClient {
     revoke_url: String,
     http: reqwest::Client,
     scopes: Vec<String>,
-    default_lifetime: Duration,
+    rules: TokenRules,
     timeout: Duration,
 }
 
@@ -63,14 +80,21 @@ struct Observed {
 }
 
 impl OAuthClient {
-    pub fn new(provider: Provider, settings: &ProviderSettings, http: reqwest::Client) -> Result<Self, ConfigError> {
+    /// `http` must not follow redirects: a 3xx answer is then a failure ([`FailureKind::Misconfigured`])
+    /// and the client secret, PKCE verifier and refresh token reach only the configured endpoints.
+    pub fn new(
+        provider: Provider,
+        settings: &ProviderSettings,
+        rules: TokenRules,
+        http: reqwest::Client,
+    ) -> Result<Self, ConfigError> {
         let url = |key: &str, value: &str| {
             oauth2::url::Url::parse(value).map_err(|_| ConfigError::Invalid {
                 key: format!("providers.{provider}.{key}"),
                 problem: "is not a valid URL".into(),
             })
         };
-        let client = BasicClient::new(ClientId::new(settings.client_id.clone()))
+        let client: Client = oauth2::Client::new(ClientId::new(settings.client_id.clone()))
             .set_client_secret(ClientSecret::new(settings.client_secret.expose().clone()))
             .set_auth_uri(AuthUrl::from_url(url("authorize_url", &settings.authorize_url)?))
             .set_token_uri(TokenUrl::from_url(url("token_url", &settings.token_url)?))
@@ -88,7 +112,7 @@ impl OAuthClient {
             revoke_url: settings.revoke_url.clone(),
             http,
             scopes: settings.scopes.clone(),
-            default_lifetime: Duration::from_secs(settings.default_token_lifetime_secs),
+            rules,
             timeout: Duration::from_secs(settings.request_timeout_secs),
         })
     }
@@ -130,7 +154,7 @@ impl OAuthClient {
             kind: FailureKind::Misconfigured,
             detail: "the token response has no refresh token; is `offline_access` among the scopes?".into(),
         })?;
-        Ok(self.tokens(&response, Secret::new(refresh_token.secret().clone()), now))
+        self.tokens(&response, Secret::new(refresh_token.secret().clone()), now)
     }
 
     /// Exchanges a refresh token. A response without a new refresh token keeps the old one.
@@ -144,7 +168,7 @@ impl OAuthClient {
             .await
             .map_err(|e| self.failure(e, &observed))?;
         let next = response.refresh_token().map_or_else(|| refresh_token.clone(), |t| Secret::new(t.secret().clone()));
-        Ok(self.tokens(&response, next, now))
+        self.tokens(&response, next, now)
     }
 
     /// Revokes a refresh token (RFC 7009), which ends the grant.
@@ -182,18 +206,33 @@ impl OAuthClient {
         }
     }
 
+    /// The tokens of an answer, once [`accept`] finds them usable, with a bounded lifetime.
     fn tokens(
         &self,
-        response: &oauth2::basic::BasicTokenResponse,
+        response: &TokenAnswer,
         refresh_token: Secret<String>,
         now: DateTime<Utc>,
-    ) -> NewTokens {
-        let lifetime = response.expires_in().unwrap_or(self.default_lifetime);
-        NewTokens {
-            access_token: Secret::new(response.access_token().secret().clone()),
-            refresh_token,
-            expires_at: now + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::MAX),
+    ) -> Result<NewTokens, OAuthError> {
+        let access_token = response.access_token().secret();
+        accept::check_tokens(access_token, refresh_token.expose(), &self.rules).map_err(|problem| OAuthError {
+            provider: self.provider,
+            kind: FailureKind::UnusableToken,
+            detail: format!("the provider returned an unusable token: {problem}"),
+        })?;
+        let lifetime = accept::lifetime(response.expires_in_secs(), &self.rules);
+        if lifetime.clamped {
+            tracing::warn!(
+                provider = %self.provider,
+                expires_in = ?response.expires_in_secs(),
+                lifetime_secs = lifetime.duration.as_secs(),
+                "the token answer's expires_in is out of bounds; the token's lifetime is clamped"
+            );
         }
+        Ok(NewTokens {
+            access_token: Secret::new(access_token.clone()),
+            refresh_token,
+            expires_at: crate::dates::after(now, lifetime.duration),
+        })
     }
 
     /// The HTTP client handed to `oauth2`, recording what it saw of the answer into `observed`.
@@ -257,7 +296,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender {
                 retry_after: headers
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(failure::parse_retry_after),
+                    .and_then(|v| failure::parse_retry_after(v, Utc::now())),
             };
             let body = response.bytes().await?.to_vec();
             let mut out = http::Response::builder().status(status);

@@ -292,8 +292,7 @@ async fn establish(
     // quarter of that. A `frame_max` in the URL still wins.
     uri.query.frame_max.get_or_insert(FRAME_MAX);
     // lapin's error text does not contain the URL, so the password cannot leak through it.
-    let connection =
-        Connection::connect_uri(uri, properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
+    let connection = Connection::connect_uri(uri, properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
     if let Some(topology) = topology {
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;

@@ -15,7 +15,10 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 
 pub use broker::{Broker, Watched};
-pub use publisher::{ATTEMPTS_HEADER, CLAIM_HEADER, DEFERRALS_HEADER, Published, Publisher, REASON_HEADER, Return};
+pub use publisher::{
+    ATTEMPTS_HEADER, CLAIM_HEADER, DEFERRALS_HEADER, FAILURES_HEADER, Published, Publisher, REASON_HEADER,
+    REFUSED_VERSION_HEADER, Return, WAITS_HEADER,
+};
 pub use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,11 +91,18 @@ pub struct Delivery {
     pub deferrals: u32,
     /// How many times the worker already retried this job after a transient MCP failure.
     pub retries: u32,
+    /// How many times the worker already let this job wait for an unreachable database.
+    pub waits: u32,
+    /// The version of the user's token an MCP server refused on an earlier delivery.
+    pub refused_version: Option<i64>,
     /// The job claim this delivery took back from the delay queue, if it held one.
     pub claim: Option<String>,
     /// How many earlier deliveries of this message ended without an ack (the quorum queue's
     /// `x-delivery-count`).
     pub failed_deliveries: u32,
+    /// How many earlier deliveries of this message failed, as counted by a consumer that
+    /// republishes it ([`FAILURES_HEADER`]; for classic queues, which keep no count).
+    pub failures: u32,
     inner: lapin::message::Delivery,
 }
 
@@ -108,8 +118,11 @@ impl From<lapin::message::Delivery> for Delivery {
             redelivered: inner.redelivered,
             deferrals: counter(props, DEFERRALS_HEADER),
             retries: counter(props, ATTEMPTS_HEADER),
+            waits: counter(props, WAITS_HEADER),
             claim: text_header(props, CLAIM_HEADER),
+            refused_version: integer_header(props, REFUSED_VERSION_HEADER),
             failed_deliveries: counter(props, "x-delivery-count"),
+            failures: counter(props, FAILURES_HEADER),
             body: std::mem::take(&mut inner.data),
             inner,
         }
@@ -129,6 +142,25 @@ impl Delivery {
         Ok(())
     }
 
+    /// Runs `handle` on this delivery. Should it panic, the delivery is requeued at once rather
+    /// than left unacked until the channel closes: unacked, it would hold a prefetch slot for good
+    /// and its delivery count would never grow, so no delivery limit could stop it. Requeued, it
+    /// comes back counted. Settling is single-use, so a delivery the handler had already settled
+    /// before panicking is left alone.
+    pub async fn handle_or_requeue<F>(self, handle: impl FnOnce(Delivery) -> F)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let acker = self.inner.acker.clone();
+        if let Err(panic) = crate::panics::caught(handle(self)).await {
+            tracing::error!(panic = %panic, "handling a message panicked; requeueing it");
+            if let Err(e) = acker.reject(BasicRejectOptions { requeue: true }).await {
+                // The channel is gone; the broker requeues every unacked delivery of it.
+                tracing::warn!(error = %e, "requeue failed");
+            }
+        }
+    }
+
     pub(crate) fn properties(&self) -> &lapin::BasicProperties {
         &self.inner.properties
     }
@@ -146,14 +178,18 @@ fn text_header(properties: &lapin::BasicProperties, header: &str) -> Option<Stri
 
 /// A counter header, 0 when absent or not a number.
 fn counter(properties: &lapin::BasicProperties, header: &str) -> u32 {
+    integer_header(properties, header).and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
+}
+
+/// An integer header, `None` when absent or not an integer.
+fn integer_header(properties: &lapin::BasicProperties, header: &str) -> Option<i64> {
     use lapin::types::AMQPValue;
-    let value = properties.headers().as_ref().and_then(|h| h.inner().get(header).cloned());
-    match value {
-        Some(AMQPValue::LongUInt(n)) => n,
-        Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),
-        Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(0),
-        Some(AMQPValue::ShortUInt(n)) => u32::from(n),
-        Some(AMQPValue::ShortShortUInt(n)) => u32::from(n),
-        _ => 0,
+    match properties.headers().as_ref()?.inner().get(header)? {
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        _ => None,
     }
 }

@@ -16,6 +16,7 @@
 
 mod policy;
 mod rate;
+mod requests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use policy::{backlog, is_due, retry_at};
 use rate::RateLimiter;
+pub use requests::{RequestLimits, serve_requests};
 
 use crate::events::Events;
 use crate::messages::{RefreshRequest, TokenEventKind};
@@ -46,6 +48,8 @@ pub struct RefresherConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub rate_per_minute: u32,
+    /// Where worker requests come from, and how often one may fail before it is dead-lettered.
+    pub requests: RequestLimits,
 }
 
 /// How one refresh attempt ended, for logs and tests.
@@ -132,7 +136,11 @@ impl Refresher {
         // Catch up at start rather than waiting a whole interval.
         let first = tokio::spawn(self.clone().scan_and_log_owned());
 
-        self.serve_requests(&broker, requests, &shutdown).await;
+        let handle = |request| {
+            let refresher = self.clone();
+            async move { refresher.handle_request(request).await }
+        };
+        serve_requests(&broker, requests, &shutdown, &self.config.requests, handle).await;
         let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
         let _ = first.await;
@@ -154,7 +162,7 @@ impl Refresher {
     /// Refreshes every token due at `now`; returns how many were attempted. Counts the backlog
     /// first, for the metrics.
     pub async fn scan(self: &Arc<Self>, now: DateTime<Utc>) -> Result<usize, StoreError> {
-        let until = now + chrono::Duration::from_std(self.config.lead).unwrap_or(chrono::Duration::MAX);
+        let until = crate::dates::after(now, self.config.lead);
         match self.tokens.backlog(now, until).await {
             Ok(counts) => self.metrics.backlog(backlog(now, self.config.lead, counts)),
             Err(e) => tracing::warn!(error = %e, "could not count the refresh backlog"),
@@ -175,36 +183,26 @@ impl Refresher {
         Ok(count)
     }
 
-    /// Takes worker requests off the refresh queue until shutdown; a lost consumer is resumed
-    /// on the broker's next link.
-    async fn serve_requests(&self, broker: &Broker, mut requests: Jobs, shutdown: &CancellationToken) {
-        loop {
-            let Some(delivery) = broker.next(&mut requests, shutdown).await else { return };
-            match serde_json::from_slice::<RefreshRequest>(&delivery.body) {
-                Ok(request) if request.provider == self.oauth.provider() => {
-                    if let Err(e) = self.refresh_user(&request.user_id, request.needed_until).await {
-                        tracing::warn!(error = %e, "refresh request failed; the scan will retry");
-                    }
-                }
-                Ok(_) => tracing::warn!("refresh request for a provider this refresher does not serve"),
-                Err(e) => tracing::warn!(error = %e, "unreadable refresh request dropped"),
-            }
-            // The request is advisory: the scan covers anything lost here, so it is acked always.
-            // An ack that fails on a lost channel is noticed by the next `requests.next()`.
-            if let Err(e) = delivery.ack().await {
-                tracing::debug!(error = %e, "could not ack a refresh request");
-            }
+    /// One worker request: refresh the user's token if it is for this refresher's provider.
+    async fn handle_request(&self, request: RefreshRequest) {
+        if request.provider != self.oauth.provider() {
+            tracing::warn!("refresh request for a provider this refresher does not serve");
+        } else if let Err(e) = self.refresh_user(&request.user_id, request.needed_until, request.refused).await {
+            tracing::warn!(error = %e, "refresh request failed; the scan will retry");
         }
     }
 
-    /// Refreshes one user's token now if it expires before `needed_until` (or is due anyway).
+    /// Refreshes one user's token now if it expires before `needed_until`, is due anyway, or was
+    /// `refused` by an MCP server.
     pub async fn refresh_user(
         &self,
         user_id: &str,
         needed_until: DateTime<Utc>,
+        refused: bool,
     ) -> Result<Option<RefreshOutcome>, StoreError> {
         let Some(token) = self.tokens.get(user_id).await? else { return Ok(None) };
-        let needed = token.expires_at < needed_until || is_due(Utc::now(), token.expires_at, self.config.lead);
+        let needed =
+            refused || token.expires_at < needed_until || is_due(Utc::now(), token.expires_at, self.config.lead);
         if token.status != TokenStatus::Active || !needed {
             return Ok(None);
         }
@@ -230,7 +228,7 @@ impl Refresher {
     async fn try_refresh(&self, due: &DueToken) -> Result<RefreshOutcome, StoreError> {
         self.limiter.acquire().await;
         let now = Utc::now();
-        let lease = chrono::Duration::from_std(self.config.lease).unwrap_or(chrono::Duration::MAX);
+        let lease = crate::dates::delta(self.config.lease);
         let Some(claimed) = self.tokens.claim(due, &self.owner, now, lease).await? else {
             return Ok(RefreshOutcome::NotClaimed);
         };
@@ -255,7 +253,7 @@ impl Refresher {
                         .await;
                     Ok(RefreshOutcome::ReauthRequired)
                 }
-                FailureKind::Transient { .. } | FailureKind::Misconfigured => {
+                FailureKind::Transient { .. } | FailureKind::Misconfigured | FailureKind::UnusableToken => {
                     let retry_after = match e.kind {
                         FailureKind::Transient { retry_after } => retry_after,
                         _ => None,
@@ -270,6 +268,8 @@ impl Refresher {
                     );
                     if e.kind == FailureKind::Misconfigured {
                         tracing::error!(error = %e, "the provider refuses this client: check providers.* settings");
+                    } else if e.kind == FailureKind::UnusableToken {
+                        tracing::error!(error = %e, retry_at = %at, "the provider answered a refresh with an unusable token; nothing stored");
                     } else {
                         tracing::info!(error = %e, retry_at = %at, "transient refresh failure; retrying later");
                     }

@@ -9,12 +9,14 @@ use crate::store::DueCounts;
 
 /// A token is due for refresh when it expires within `lead` of `now` (already expired included).
 pub fn is_due(now: DateTime<Utc>, expires_at: DateTime<Utc>, lead: Duration) -> bool {
-    expires_at <= now + chrono::Duration::from_std(lead).unwrap_or(chrono::Duration::MAX)
+    expires_at <= crate::dates::after(now, lead)
 }
 
 /// When to try a token again after a transient failure: exponential backoff from `initial` (the
 /// `failures`-th in a row), at most `max`, never sooner than the provider's `Retry-After`, spread
 /// by `jitter` in [0, 1) over the upper half of the delay so replicas do not retry in step.
+/// `Retry-After` is honoured only up to `max` too: a provider (or whatever answers in its place)
+/// must not be able to park a token until it expires, or forever.
 pub fn retry_at(
     now: DateTime<Utc>,
     failures: u32,
@@ -24,26 +26,27 @@ pub fn retry_at(
     jitter: f64,
 ) -> DateTime<Utc> {
     let exponential = initial.saturating_mul(1u32 << failures.min(16)).min(max);
-    let spread = exponential.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0);
-    let delay = spread.max(retry_after.unwrap_or_default()).max(Duration::from_millis(1));
-    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
+    // NaN would make `mul_f64` panic; it counts as no jitter.
+    let jitter = if jitter.is_nan() { 0.0 } else { jitter.clamp(0.0, 1.0) };
+    let spread = exponential.mul_f64(0.5 + jitter / 2.0);
+    let delay = spread.max(retry_after.unwrap_or_default().min(max)).max(Duration::from_millis(1));
+    crate::dates::after(now, delay)
 }
 
 /// The backlog the metrics show, from the counts a scan took at `now`: the lag is how long the
 /// earliest due token has been due (its expiry less `lead`), which a healthy refresher keeps
 /// below about one scan interval.
 pub fn backlog(now: DateTime<Utc>, lead: Duration, counts: DueCounts) -> Backlog {
-    let lead = chrono::Duration::from_std(lead).unwrap_or(chrono::Duration::MAX);
     let lag = counts
         .earliest
-        .and_then(|earliest| earliest.checked_sub_signed(lead))
-        .and_then(|due_since| (now - due_since).to_std().ok())
-        .unwrap_or(Duration::ZERO);
+        .map_or(Duration::ZERO, |earliest| crate::dates::until(crate::dates::before(earliest, lead), now));
     Backlog { due: counts.due, overdue: counts.overdue, lag }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn at(seconds: i64) -> DateTime<Utc> {
@@ -69,6 +72,26 @@ mod tests {
         assert_eq!(secs(3, None, 1.0), 40_000);
         assert_eq!(secs(30, None, 1.0), 300_000, "capped");
         assert_eq!(secs(0, Some(Duration::from_secs(60)), 0.0), 60_000, "never before Retry-After");
+        assert_eq!(secs(0, Some(Duration::MAX), 0.0), 300_000, "Retry-After is capped too");
+    }
+
+    proptest! {
+        /// Whatever the failure count, delays, `Retry-After` and jitter, the retry is after `now`
+        /// and no later than `max` from it (or the end of time, when `now` is near it).
+        #[test]
+        fn any_retry_lands_between_now_and_the_maximum(
+            now in prop_oneof![Just(DateTime::<Utc>::MAX_UTC), (-10_000_000_000i64..10_000_000_000).prop_map(at)],
+            failures in any::<u32>(),
+            initial in any::<u64>(),
+            max in 1u64..u64::MAX,
+            retry_after in proptest::option::of(any::<u64>()),
+            jitter in any::<f64>(),
+        ) {
+            let max = Duration::from_millis(max);
+            let retry = retry_at(now, failures, Duration::from_millis(initial), max, retry_after.map(Duration::from_secs), jitter);
+            prop_assert!(retry >= now);
+            prop_assert!(retry <= crate::dates::after(now, max));
+        }
     }
 
     #[test]

@@ -46,10 +46,13 @@ impl From<mongodb::error::Error> for StoreError {
         // Network, selection and pool errors clear up by themselves; anything else is the
         // server refusing what we asked, which repeating will not change.
         use mongodb::error::ErrorKind;
-        let transient_kind = matches!(
-            *error.kind,
-            ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. }
-        );
+        let transient_kind = match &*error.kind {
+            ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. } => true,
+            // Commands sent with `run_command` carry no retryable label, so the server's own
+            // "not now" codes are recognised by number.
+            ErrorKind::Command(e) => TRANSIENT_CODES.contains(&e.code),
+            _ => false,
+        };
         if transient_kind
             || error.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
             || error.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
@@ -60,6 +63,11 @@ impl From<mongodb::error::Error> for StoreError {
         }
     }
 }
+
+/// Server error codes that mean "try again": the retryable-error codes of MongoDB's retryable
+/// writes specification (a primary stepping down or shutting down, a network or host error, a
+/// time limit).
+const TRANSIENT_CODES: [i32; 12] = [6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
 
 /// MongoDB's code for a write that broke a unique index.
 const DUPLICATE_KEY: i32 = 11000;

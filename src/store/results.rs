@@ -12,8 +12,11 @@
 //! The common case costs two *inserts*: the claim of a new `job_id`, and its reply. They are
 //! group-committed ([`super::batch`]): the jobs of one moment share one `insert` command, so the
 //! round trips per job fall as load rises. Only a duplicate key (a job seen before) takes the
-//! slower path of finds and conditional updates. Replies recorded inside the claim document by
-//! earlier versions are still found there.
+//! slower path of finds and conditional updates.
+//!
+//! Both documents carry the call's fingerprint (`call`: a digest of user, tool and arguments), so
+//! a `job_id` reused for another call is told apart from a redelivery. Documents written before
+//! the fingerprint existed have none and match any call; they are gone after the TTL.
 
 use chrono::{DateTime, Utc};
 use mongodb::Database;
@@ -35,6 +38,9 @@ pub enum Claim {
     Done(Vec<u8>),
     /// Another consumer is running it right now.
     Busy,
+    /// The `job_id` was claimed for another call (another user, tool or arguments): this
+    /// delivery must neither run nor see that call's reply.
+    Conflict,
 }
 
 #[derive(Clone)]
@@ -67,11 +73,14 @@ impl ResultStore {
     /// Claims `job_id` for `owner` until `lease_until`, unless it has a reply or someone else's
     /// live claim. `owner` names one delivery, not a process: two deliveries of the same job in
     /// one process must not both run it. A job back from a delay queue presents the owner it
-    /// had (`returning`), and so takes its own claim back even while the lease runs.
+    /// had (`returning`), and so takes its own claim back even while the lease runs. `call` is
+    /// the job's fingerprint: a claim or reply of the same id for another call is a conflict.
+    #[allow(clippy::too_many_arguments)]
     #[tracing::instrument(skip_all)]
     pub async fn claim(
         &self,
         job_id: &str,
+        call: &str,
         owner: &str,
         returning: bool,
         now: DateTime<Utc>,
@@ -80,7 +89,7 @@ impl ResultStore {
     ) -> Result<Claim, StoreError> {
         if !returning {
             let claim = doc! {
-                "_id": job_id, "owner": owner, "lease_until": bson_date(lease_until),
+                "_id": job_id, "call": call, "owner": owner, "lease_until": bson_date(lease_until),
                 "created_at": bson_date(now), "expires_at": bson_date(expires_at),
             };
             if self.claims.submit(claim).await? == Inserted::Yes {
@@ -88,15 +97,16 @@ impl ResultStore {
             }
         }
         // Seen before: answered already, held by someone, or ours to take (back).
-        if let Some(reply) = self.reply(job_id).await? {
-            return Ok(Claim::Done(reply));
+        if let Some(done) = self.replayed(job_id, call).await? {
+            return Ok(done);
         }
         let claims = self.db.collection::<Document>(CLAIMS);
         let take = |taking: Document| {
-            let mut filter = doc! { "_id": job_id, "reply": { "$exists": false } };
+            // `$in` with null also matches a claim written before fingerprints existed.
+            let mut filter = doc! { "_id": job_id, "call": { "$in": [call, Bson::Null] } };
             filter.extend(taking);
             let update = doc! {
-                "$set": { "owner": owner, "lease_until": bson_date(lease_until) },
+                "$set": { "call": call, "owner": owner, "lease_until": bson_date(lease_until) },
                 "$setOnInsert": { "created_at": bson_date(now), "expires_at": bson_date(expires_at) },
             };
             claims.update_one(filter, update).upsert(true)
@@ -111,38 +121,44 @@ impl ResultStore {
             taken = taken_or_held(take(doc! { "lease_until": { "$lte": bson_date(now) } }).await)?;
         }
         if !taken {
-            // Held by a live consumer, or answered by an earlier version (reply in the claim).
-            let existing = claims.find_one(doc! { "_id": job_id }).await?;
-            return Ok(match existing.as_ref().and_then(|d| d.get_str("reply").ok()) {
-                Some(reply) => Claim::Done(reply.as_bytes().to_vec()),
-                None => Claim::Busy,
-            });
+            // Held by a live consumer: of this call, or of another one under the same id.
+            let existing = claims.find_one(doc! { "_id": job_id }).projection(doc! { "call": 1 }).await?;
+            let theirs = existing.as_ref().and_then(|d| d.get_str("call").ok());
+            return Ok(if theirs.is_some_and(|theirs| theirs != call) { Claim::Conflict } else { Claim::Busy });
         }
         // The claim was taken over: its last holder may have recorded a reply meanwhile.
-        Ok(match self.reply(job_id).await? {
-            Some(reply) => Claim::Done(reply),
-            None => Claim::Run,
-        })
+        Ok(self.replayed(job_id, call).await?.unwrap_or(Claim::Run))
     }
 
-    /// Records the job's reply. From now on the job is done; the first reply recorded stays.
+    /// Records the job's reply for `call`. From now on the job is done; the first reply
+    /// recorded stays.
     #[tracing::instrument(skip_all)]
     pub async fn complete(
         &self,
         job_id: &str,
+        call: &str,
         reply: &[u8],
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let reply = String::from_utf8_lossy(reply).into_owned();
-        let document =
-            doc! { "_id": job_id, "reply": reply, "created_at": bson_date(now), "expires_at": bson_date(expires_at) };
+        let document = doc! {
+            "_id": job_id, "call": call, "reply": reply,
+            "created_at": bson_date(now), "expires_at": bson_date(expires_at),
+        };
         self.replies.submit(document).await.map(|_| ())
     }
 
-    async fn reply(&self, job_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let found = self.db.collection::<Document>(REPLIES).find_one(doc! { "_id": job_id }).await?;
-        Ok(found.as_ref().and_then(|d| d.get_str("reply").ok()).map(|r| r.as_bytes().to_vec()))
+    /// The recorded reply of `job_id` as this delivery may see it: `Done` for the same call,
+    /// `Conflict` for another; `None` when there is no reply yet.
+    async fn replayed(&self, job_id: &str, call: &str) -> Result<Option<Claim>, StoreError> {
+        let Some(found) = self.db.collection::<Document>(REPLIES).find_one(doc! { "_id": job_id }).await? else {
+            return Ok(None);
+        };
+        if found.get_str("call").is_ok_and(|theirs| theirs != call) {
+            return Ok(Some(Claim::Conflict));
+        }
+        Ok(found.get_str("reply").ok().map(|reply| Claim::Done(reply.as_bytes().to_vec())))
     }
 }
 

@@ -125,6 +125,24 @@ pub struct TokenStore {
     name: &'static str,
 }
 
+/// Reads a stored document. One of the wrong shape (written by older code or by hand: a date
+/// stored as a string, a missing field) is `Unreadable`, naming the field, like a value whose
+/// seal cannot be opened: no retry will make it readable, only the user reconnecting.
+fn decode(raw: Document) -> Result<TokenDocument, StoreError> {
+    serde_path_to_error::deserialize(bson::Deserializer::new(bson::Bson::Document(raw))).map_err(|e| {
+        // serde's message quotes the value it found, which for a token field may be the token
+        // itself: only the field's name and the expected type are kept.
+        let inner = e.inner().to_string();
+        let problem = if inner.starts_with("missing field") {
+            inner
+        } else {
+            let expected = inner.rsplit_once(", expected ").map_or("of another type", |(_, expected)| expected);
+            format!("field `{}` is not {expected}", e.path())
+        };
+        StoreError::Unreadable(format!("a stored token has the wrong shape: {problem}"))
+    })
+}
+
 pub(super) fn bson_date(at: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(at.timestamp_millis())
 }
@@ -185,9 +203,10 @@ impl TokenStore {
 
     #[tracing::instrument(skip_all)]
     pub async fn get(&self, user_id: &str) -> Result<Option<StoredToken>, StoreError> {
-        let Some(d) = self.collection.find_one(doc! { "user_id": user_id }).await? else {
+        let Some(raw) = self.raw.find_one(doc! { "user_id": user_id }).await? else {
             return Ok(None);
         };
+        let d = decode(raw)?;
         Ok(Some(StoredToken {
             access_token: self.open(&d.user_id, "access_token", &d.access_token)?,
             refresh_token: self.open(&d.user_id, "refresh_token", &d.refresh_token)?,
@@ -281,7 +300,7 @@ impl TokenStore {
             "lease_until": { "$not": { "$gt": bson_date(now) } },
         };
         let update = doc! {
-            "$set": { "lease_owner": owner, "lease_until": bson_date(now + lease) },
+            "$set": { "lease_owner": owner, "lease_until": bson_date(now.checked_add_signed(lease).unwrap_or(DateTime::<Utc>::MAX_UTC)) },
             "$inc": { "version": 1_i64 },
         };
         let claimed =
@@ -340,6 +359,18 @@ impl TokenStore {
             "$unset": { "lease_owner": "", "lease_until": "" },
         };
         Ok(self.raw.update_one(Self::fenced(claimed), update).await?.modified_count == 1)
+    }
+
+    /// Marks the user's token `reauth_required` because an MCP server refused it, if the stored
+    /// token is still at `version` (not renewed or replaced since). `false` when it moved on.
+    #[tracing::instrument(skip_all)]
+    pub async fn mark_refused(&self, user_id: &str, version: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let update = doc! {
+            "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
+            "$inc": { "version": 1_i64 },
+        };
+        let filter = doc! { "user_id": user_id, "version": version };
+        Ok(self.raw.update_one(filter, update).await?.modified_count == 1)
     }
 
     /// Gives the lease back after a transient failure, keeping others off the token until

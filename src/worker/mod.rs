@@ -2,10 +2,13 @@
 //! `worker.concurrency` at once), publishes the reply, and acks the job only once the broker has
 //! confirmed that reply.
 //!
-//! The decisions live elsewhere: [`execute`] turns a delivery into a [`execute::Disposition`] and
-//! [`policy`] holds the pure rules. This file is the shell that does the I/O in the right order.
+//! The decisions live elsewhere: [`decision`] is the job path's rules as one pure function, with
+//! [`policy`] the smaller rules it is built of; [`execute`] performs the steps it asks for up to a
+//! [`decision::Disposition`]. This file takes deliveries and settles them as that says.
 
+mod decision;
 mod execute;
+mod once;
 pub mod policy;
 mod token_cache;
 mod token_events;
@@ -19,13 +22,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::TokenCipher;
+use crate::events::Events;
 use crate::mcp::McpClients;
-use crate::messages::RefreshRequest;
+use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::metrics::Metrics;
 use crate::queue::{Broker, Delivery, Jobs, Published, Publisher, QueueError, Return};
 use crate::registry::Registry;
 use crate::store::Store;
-use execute::{Disposition, RefreshNeeded, ReplyTarget};
+use decision::{Disposition, Record, RefreshNeeded, RefusedToken, ReplyTarget};
+use once::OncePerUser;
 use token_cache::TokenCache;
 
 /// The settings the job path reads, resolved once at start.
@@ -40,6 +45,8 @@ pub struct WorkerConfig {
     /// Added to the call's budget: a token must be valid this much longer than the call may take.
     pub clock_skew: Duration,
     pub max_deferrals: u32,
+    /// Times a job may wait for an unreachable database before it is answered `internal`.
+    pub max_waits: u32,
     pub delay_queue: String,
     pub refresh_queue: String,
     /// How long jobs in flight may take to finish after shutdown was asked for.
@@ -64,22 +71,30 @@ pub struct Worker {
     cipher: Arc<TokenCipher>,
     mcp: Arc<McpClients>,
     publisher: Publisher,
+    events: Events,
     tokens: TokenCache,
+    /// Users whose unreadable token was already logged.
+    unreadable: OncePerUser,
     metrics: Arc<Metrics>,
 }
 
+/// What a worker reads from and writes to, besides the broker it consumes from.
+pub struct WorkerPeers {
+    pub registry: Arc<Registry>,
+    pub store: Store,
+    pub cipher: Arc<TokenCipher>,
+    pub mcp: Arc<McpClients>,
+    pub publisher: Publisher,
+    pub events: Events,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Worker {
-    pub fn new(
-        config: WorkerConfig,
-        registry: Arc<Registry>,
-        store: Store,
-        cipher: Arc<TokenCipher>,
-        mcp: Arc<McpClients>,
-        publisher: Publisher,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(config: WorkerConfig, peers: WorkerPeers) -> Self {
+        let WorkerPeers { registry, store, cipher, mcp, publisher, events, metrics } = peers;
         let tokens = TokenCache::new(config.token_cache_ttl);
-        Self { config, registry, store, cipher, mcp, publisher, tokens, metrics }
+        let unreadable = OncePerUser::new(10_000);
+        Self { config, registry, store, cipher, mcp, publisher, events, tokens, unreadable, metrics }
     }
 
     /// Whether the token cache is on, and so needs the token events (see [`Worker::run`]).
@@ -115,7 +130,8 @@ impl Worker {
             let Some(delivery) = broker.next(&mut jobs, &shutdown).await else { break };
             let worker = self.clone();
             in_flight.spawn(async move {
-                worker.handle(delivery).await;
+                // A panic requeues the job, so its delivery count grows to `amqp.delivery_limit`.
+                delivery.handle_or_requeue(|delivery| worker.handle(delivery)).await;
                 drop(slot);
             });
             // Reap finished tasks so the set does not grow with every job ever run.
@@ -146,7 +162,7 @@ impl Worker {
     #[tracing::instrument(skip_all, fields(job_id, tool, user))]
     async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
-        let (job, disposition, call_time) = self.dispose(&delivery, Utc::now()).await;
+        let (job, disposition, call_time) = self.dispose(&delivery).await;
         if let Some(job) = &job {
             let span = tracing::Span::current();
             span.record("job_id", job.job_id.as_str());
@@ -180,49 +196,82 @@ impl Worker {
         match disposition {
             Disposition::Reply { to, reply, record } => {
                 let body = reply.to_bytes();
-                if let Some(record) = record
-                    && let Err(e) =
-                        self.store.results().complete(&record.job_id, &body, Utc::now(), record.expires_at).await
-                {
-                    // The reply still goes out and the job is acked, so it is not redelivered; only
-                    // a crash before the ack could now run it twice.
-                    tracing::warn!(error = %e, "could not record the job's result");
-                }
+                self.record(record.as_ref(), &body).await;
                 self.publish_reply(to, &body).await?
             }
             Disposition::Replay { to, body } => self.publish_reply(to, body).await?,
             Disposition::Retry { level, claim } => {
                 let choices = &self.config.retries[*level];
                 let (queue, _) = &choices[rand::random::<usize>() % choices.len()];
-                let carry =
-                    Return { deferrals: delivery.deferrals, retries: delivery.retries + 1, claim: Some(claim.clone()) };
+                let carry = Return { retries: delivery.retries.saturating_add(1), ..carry(delivery, Some(claim)) };
                 self.publisher.delay(queue, delivery, &carry).await?;
             }
-            Disposition::Wait { claim } => {
-                let carry = Return { deferrals: delivery.deferrals, retries: delivery.retries, claim: claim.clone() };
+            Disposition::Wait { claim, waits } => {
+                let carry = Return { waits: *waits, ..carry(delivery, claim.as_ref()) };
                 self.publisher.delay(&self.config.delay_queue, delivery, &carry).await?;
             }
-            Disposition::DeadLetter { reason, to, reply } => {
+            Disposition::Reauth { to, reply, record, token } => {
+                self.mark_refused(token).await;
+                let body = reply.to_bytes();
+                self.record(record.as_ref(), &body).await;
+                self.publish_reply(to, &body).await?
+            }
+            Disposition::DeadLetter { reason, to, reply, record } => {
                 tracing::warn!(reason = %reason, "dead-lettering the message");
                 if let Some(to) = to {
-                    self.publish_reply(to, &reply.to_bytes()).await?;
+                    let body = reply.to_bytes();
+                    self.record(record.as_ref(), &body).await;
+                    self.publish_reply(to, &body).await?;
                 }
                 self.publisher.dead_letter(&self.config.dead_letter_queue, delivery, reason).await?;
             }
-            Disposition::Defer { deferrals, refresh, claim } => {
+            Disposition::Defer { deferrals, refresh, claim, refused_version } => {
                 self.request_refresh(refresh).await;
-                let carry = Return { deferrals: *deferrals, retries: delivery.retries, claim: Some(claim.clone()) };
+                let carry =
+                    Return { deferrals: *deferrals, refused_version: *refused_version, ..carry(delivery, Some(claim)) };
                 self.publisher.delay(&self.config.delay_queue, delivery, &carry).await?;
             }
         }
         delivery.ack().await
     }
 
+    /// Records a reply that ends its job, so a redelivery replays it. A failure is logged and
+    /// counted, and the reply still goes out and the job is acked: requeueing instead would run
+    /// the tool again once the claim's lease lapsed, while this way only a lost ack can.
+    async fn record(&self, record: Option<&Record>, body: &[u8]) {
+        let Some(record) = record else { return };
+        let results = self.store.results();
+        if let Err(e) = results.complete(&record.job_id, &record.call, body, Utc::now(), record.expires_at).await {
+            self.metrics.reply_not_recorded();
+            tracing::warn!(error = %e, "could not record the job's reply; publishing it anyway");
+        }
+    }
+
+    /// Marks a token the MCP server refused even after its renewal as `reauth_required`, and
+    /// announces it, unless the token changed since (the user reconnected meanwhile). Best
+    /// effort: the reply says `reauth_required` either way, and the next job tries again.
+    async fn mark_refused(&self, token: &RefusedToken) {
+        let tokens = self.store.tokens(token.provider, &self.cipher);
+        match tokens.mark_refused(&token.user_id, token.version, Utc::now()).await {
+            Ok(true) => {
+                tracing::warn!("the MCP server refused the user's renewed token; the user must reconnect");
+                let reason = "the MCP server refused the renewed access token";
+                self.events.emit(TokenEventKind::ReauthRequired, token.provider, &token.user_id, reason).await;
+            }
+            Ok(false) => tracing::info!("the refused token was replaced meanwhile; not marked"),
+            Err(e) => tracing::warn!(error = %e, "could not mark the refused token"),
+        }
+    }
+
     /// Asks the refresher to renew the user's token now. Best effort: if the request is lost, the
     /// refresher's next scan finds the token anyway, since it expires within the lead time.
     async fn request_refresh(&self, needed: &RefreshNeeded) {
-        let request =
-            RefreshRequest { provider: needed.provider, user_id: needed.user_id.clone(), needed_until: needed.until };
+        let request = RefreshRequest {
+            provider: needed.provider,
+            user_id: needed.user_id.clone(),
+            needed_until: needed.until,
+            refused: needed.refused,
+        };
         let body = serde_json::to_vec(&request).expect("a refresh request serializes");
         if let Err(e) = self.publisher.send(&self.config.refresh_queue, &body).await {
             tracing::warn!(error = %e, "could not ask the refresher for an early refresh");
@@ -237,5 +286,16 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+/// What a delayed copy of `delivery` carries back: its counters as they are, and `claim`.
+fn carry(delivery: &Delivery, claim: Option<&String>) -> Return {
+    Return {
+        deferrals: delivery.deferrals,
+        retries: delivery.retries,
+        waits: delivery.waits,
+        claim: claim.cloned(),
+        refused_version: delivery.refused_version,
     }
 }

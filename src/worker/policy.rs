@@ -81,9 +81,9 @@ pub fn retry_level(
         return None;
     }
     let level = usize::try_from(retries).ok()?;
-    let delay = chrono::Duration::from_std(delays.into_iter().nth(level)?).ok()?;
+    let delay = delays.into_iter().nth(level)?;
     match deadline {
-        Some(deadline) if now + delay >= deadline => None,
+        Some(deadline) if crate::dates::after(now, delay) >= deadline => None,
         _ => Some(level),
     }
 }
@@ -92,10 +92,17 @@ pub fn retry_level(
 pub fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
     match error {
         McpCallError::Timeout { .. } if budget.limited_by_deadline => ErrorCode::DeadlineExceeded,
-        McpCallError::Timeout { .. } | McpCallError::Unavailable { .. } => ErrorCode::McpUnavailable,
-        McpCallError::Rpc { .. } | McpCallError::Unauthorized { .. } | McpCallError::Protocol { .. } => {
-            ErrorCode::McpProtocolError
+        McpCallError::Timeout { .. } | McpCallError::Unavailable { .. } | McpCallError::OverBudget { .. } => {
+            ErrorCode::McpUnavailable
         }
+        // A redirect is a misconfiguration or an attack: trying again would meet it again. A 401
+        // or 403 here is about a server's fixed credential: the worker answers a refusal of a
+        // user's token itself (renewal, `reauth_required`, `forbidden`).
+        McpCallError::Rpc { .. }
+        | McpCallError::Unauthorized { .. }
+        | McpCallError::Forbidden { .. }
+        | McpCallError::Protocol { .. }
+        | McpCallError::Redirected { .. } => ErrorCode::McpProtocolError,
     }
 }
 

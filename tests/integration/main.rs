@@ -5,6 +5,10 @@
 mod cli;
 mod compose;
 mod connect;
+mod hostile_mcp;
+mod hostile_oauth;
+mod hostile_process;
+mod job_path;
 mod jobs;
 mod mcp_interop;
 mod migrations;

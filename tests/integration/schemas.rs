@@ -45,7 +45,7 @@ const DEFAULT_LIMITS: Limits = Limits { max_bytes: 1 << 20, max_depth: 32 };
 /// Every reply error code. `code_is_listed` stops compiling when a variant is added to
 /// `ErrorCode`: that is the reminder to add it here, and so to the schema and the contract,
 /// which the tests below compare with this list.
-const ALL_CODES: [ErrorCode; 10] = [
+const ALL_CODES: [ErrorCode; 11] = [
     ErrorCode::InvalidJob,
     ErrorCode::UnknownTool,
     ErrorCode::NotConnected,
@@ -53,6 +53,7 @@ const ALL_CODES: [ErrorCode; 10] = [
     ErrorCode::TokenUnavailable,
     ErrorCode::McpUnavailable,
     ErrorCode::McpProtocolError,
+    ErrorCode::Forbidden,
     ErrorCode::DeadlineExceeded,
     ErrorCode::DeliveryLimit,
     ErrorCode::Internal,
@@ -67,6 +68,7 @@ fn code_is_listed(code: ErrorCode) -> bool {
         | ErrorCode::TokenUnavailable
         | ErrorCode::McpUnavailable
         | ErrorCode::McpProtocolError
+        | ErrorCode::Forbidden
         | ErrorCode::DeadlineExceeded
         | ErrorCode::DeliveryLimit
         | ErrorCode::Internal => ALL_CODES.contains(&code),
@@ -545,7 +547,7 @@ async fn replies_of_a_running_worker_match_the_reply_schema() {
     ];
     let app = spawn_app_with(&v1.url(), &overrides).await;
     app.store_token("alice", "alice-token").await;
-    // A token no HTTP header can carry: the worker cannot do its part, `internal`.
+    // A token no HTTP header can carry (stored by older code): only reconnecting helps.
     app.store_token("carol", "broken\ntoken").await;
 
     let call = |job_id: &str, user: &str, tool: &str| json!({ "job_id": job_id, "user_id": user, "tool": tool });
@@ -563,7 +565,7 @@ async fn replies_of_a_running_worker_match_the_reply_schema() {
             "deadline_exceeded",
             with(call("job-late", "alice", "qlik_whoami"), "deadline", json!("2020-01-01T00:00:00Z")),
         ),
-        ("internal", call("job-carol", "carol", "qlik_whoami")),
+        ("reauth_required", call("job-carol", "carol", "qlik_whoami")),
         ("mcp_unavailable", with(call("job-down", "alice", "down_echo"), "arguments", json!({ "text": "x" }))),
     ];
     for (name, job) in &jobs {
@@ -590,11 +592,13 @@ async fn replies_of_a_running_worker_match_the_reply_schema() {
         (&replies["tool_error"]["status"], &replies["tool_error"]["result"]["isError"]),
         (&json!("ok"), &json!(true))
     );
-    for code in ["not_connected", "unknown_tool", "deadline_exceeded", "mcp_unavailable", "internal", "invalid_job"] {
+    for code in
+        ["not_connected", "unknown_tool", "deadline_exceeded", "mcp_unavailable", "reauth_required", "invalid_job"]
+    {
         assert_eq!(replies[code]["error"]["code"], code, "{}", replies[code]);
     }
     assert_eq!(replies["not_connected"]["error"]["provider"], "qlik");
-    assert_eq!(replies["internal"]["error"]["provider"], "qlik");
+    assert_eq!(replies["reauth_required"]["error"]["provider"], "qlik");
     assert_eq!(replies["invalid_job"]["job_id"], "job-bad");
     let unreadable = &replies["invalid_job_unreadable"];
     assert_eq!(

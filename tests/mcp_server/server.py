@@ -28,6 +28,12 @@ reach it and the tool answers "ok" (a large `times`, e.g. 1000, fails always):
                   clean end of stream.
 
 Any other `mode` is not a fault: the call reaches the tool at once.
+
+The same middleware refuses credentials as Qlik's MCP server would: a `tools/call`
+whose `X-Qlik-Access-Token` starts with `refused-`, or of the tool `qlik_refused`
+whatever its token, gets HTTP 401 (the token was revoked before its expiry); one
+of the tool `qlik_forbidden` gets HTTP 403 with an OAuth-style JSON error whose
+`error_description` says the role lacks the "Qlik MCP: Allowed" permission.
 """
 
 from __future__ import annotations
@@ -229,6 +235,28 @@ class RequestLogMiddleware:
 FAULT_MODES = ("500", "hang", "drop", "broken_sse")
 
 
+def _refusal(scope: dict, body: bytes) -> tuple[int, dict] | None:
+    """(status, JSON body) when a tools/call carries a token this server refuses."""
+    token = ""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"x-qlik-access-token":
+            token = value.decode("latin-1")
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or payload.get("method") != "tools/call":
+        return None
+    params = payload.get("params")
+    tool = params.get("name") if isinstance(params, dict) else None
+    if token.startswith("refused-") or tool == "qlik_refused":
+        return 401, {"error": "invalid_token", "error_description": "The access token is revoked"}
+    if tool == "qlik_forbidden":
+        description = "Access denied: the user's role lacks the \"Qlik MCP: Allowed\" permission"
+        return 403, {"error": "forbidden", "error_description": description}
+    return None
+
+
 class FaultMiddleware:
     """Pure ASGI middleware: fail the first `times` `flaky` calls of each job_id (see the module doc).
 
@@ -249,6 +277,22 @@ class FaultMiddleware:
 
         buffered, body = await _read_body(receive)
         replay = _replaying(buffered, receive)
+        refusal = _refusal(scope, body)
+        if refusal is not None:
+            status, payload = refusal
+            text = json.dumps(payload).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(text)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": text})
+            return
         fault = self._fault(body)
         if fault is None:
             await self.app(scope, replay, send)

@@ -4,7 +4,8 @@
 //! `server/discover` gets "method not found" (so clients fall back to `initialize`),
 //! `initialize` a minimal result, notifications 202, and every `tools/call` the result
 //! `{"content":[{"type":"text","text":"ok"}]}`, after `?delay_ms=N` milliseconds if the URL has
-//! that query (to keep many calls in flight).
+//! that query (to keep many calls in flight); with `?result_bytes=N` the text is N bytes long
+//! (large answers, for the memory measurement in `bench/rss`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +28,7 @@ struct Args {
 #[derive(Deserialize)]
 struct Delay {
     delay_ms: Option<u64>,
+    result_bytes: Option<usize>,
 }
 
 async fn mcp(Query(delay): Query<Delay>, Json(request): Json<Value>) -> Response {
@@ -46,7 +48,8 @@ async fn mcp(Query(delay): Query<Delay>, Json(request): Json<Value>) -> Response
             if let Some(ms) = delay.delay_ms {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            result(json!({ "content": [{ "type": "text", "text": "ok" }], "isError": false }))
+            let text = delay.result_bytes.map_or_else(|| "ok".to_owned(), |n| "x".repeat(n));
+            result(json!({ "content": [{ "type": "text", "text": text }], "isError": false }))
         }
         _ if request.get("id").is_none() => StatusCode::ACCEPTED.into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),

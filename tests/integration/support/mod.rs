@@ -4,6 +4,7 @@
 //! The services must be running (`scripts/services up`, which `scripts/test` does). A missing
 //! service fails the test with a message saying so; nothing is skipped.
 
+pub mod hostile;
 mod mcp_server;
 mod oauth;
 mod process;
@@ -26,7 +27,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
-pub use oauth::{connect_as_browser, connect_through, spawn_app_with_oauth, spawn_oauth};
+pub use oauth::{OAuthFixture, connect_as_browser, connect_through, spawn_app_with_oauth, spawn_oauth};
 pub use process::{spawn_worker, terminate, worker_env};
 
 /// The encryption key of every test (base64 of 32 bytes).

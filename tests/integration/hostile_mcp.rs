@@ -1,0 +1,141 @@
+//! Hostile MCP servers: a redirect never takes a request (let alone a token) to another origin,
+//! and many large answers at once stay within the process's response budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::hostile::{Recorder, redirect, slow_large_result};
+use crate::support::{TestApp, spawn_app_with};
+
+const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
+
+/// A worker whose `qlik` server takes the token in `X-Qlik-Access-Token` and whose `bearer`
+/// server (the same URL) in `Authorization: Bearer {token}`, with alice connected.
+async fn app_with_both_headers(url: &str, token: &str) -> TestApp {
+    let bearer = json!({
+        "url": url,
+        "tools": ["bearer_echo"],
+        "auth": { "provider": "qlik", "header": "Authorization", "value": "Bearer {token}" },
+    });
+    // No retries: a redirect is not retryable, and an unavailable answer would be a failure here.
+    let app = spawn_app_with(url, &[("mcp.servers.bearer", bearer), ("worker.retry_delays_ms", json!([]))]).await;
+    app.store_token("alice", token).await;
+    app
+}
+
+/// Runs a job for each redirect status and each credential header, and checks its reply names
+/// the redirect, while `elsewhere` received nothing at all.
+async fn each_redirect_is_refused(app: &TestApp, elsewhere: &Recorder, status_now: &AtomicU16) {
+    for status in REDIRECTS {
+        status_now.store(status, Ordering::SeqCst);
+        for tool in ["qlik_echo", "bearer_echo"] {
+            let job = format!("{tool}-{status}");
+            app.call(&job, "alice", tool, json!({ "status": status })).await;
+            let (reply, _) = app.next_reply().await;
+            assert_eq!(reply["job_id"], job.as_str(), "{reply}");
+            assert_eq!(reply["status"], "error", "{status} {tool}: {reply}");
+            assert_eq!(reply["error"]["code"], "mcp_protocol_error", "{status} {tool}: {reply}");
+            assert_eq!(reply["error"]["retryable"], false, "{reply}");
+            let message = reply["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!("HTTP {status}")) && message.contains("redirects are not followed"),
+                "{message}"
+            );
+            assert!(
+                elsewhere.received().is_empty(),
+                "{status} {tool}: the other origin received {:?}",
+                elsewhere.received()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_redirect_answering_tools_call_is_refused_and_the_other_origin_receives_nothing() {
+    let elsewhere = Recorder::elsewhere().await;
+    let target = format!("{}/mcp", elsewhere.base);
+    let server = Recorder::mcp(move |_, call: &Value| {
+        let status = call["params"]["arguments"]["status"].as_u64().unwrap() as u16;
+        redirect(status, &target)
+    })
+    .await;
+    let token = "hostile-call-token";
+    let app = app_with_both_headers(&format!("{}/mcp", server.base), token).await;
+
+    each_redirect_is_refused(&app, &elsewhere, &AtomicU16::new(0)).await;
+
+    // The hostile server itself got the calls, each with its token in the configured header.
+    let calls: Vec<_> = server.received().into_iter().filter(|r| r.text().contains("tools/call")).collect();
+    assert_eq!(calls.len(), REDIRECTS.len() * 2);
+    assert!(calls.iter().all(|r| r.text().contains(token)));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_answering_the_handshake_is_refused_and_the_other_origin_receives_nothing() {
+    let elsewhere = Recorder::elsewhere().await;
+    let target = format!("{}/mcp", elsewhere.base);
+    let status_now = Arc::new(AtomicU16::new(307));
+    let server = Recorder::spawn({
+        let status_now = status_now.clone();
+        move |_| redirect(status_now.load(Ordering::SeqCst), &target)
+    })
+    .await;
+    let app = app_with_both_headers(&format!("{}/mcp", server.base), "hostile-handshake-token").await;
+
+    each_redirect_is_refused(&app, &elsewhere, &status_now).await;
+
+    // Every job met a failed handshake, so none got as far as a tools/call.
+    assert!(server.received().iter().all(|r| !r.text().contains("tools/call")));
+    app.stop().await;
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+#[tokio::test]
+async fn many_large_answers_at_once_stay_within_the_response_budget() {
+    const ANSWER: usize = 400_000;
+    const BUDGET: u64 = 1_000_000;
+    const JOBS: usize = 12;
+    let server =
+        Recorder::mcp(|_, call: &Value| slow_large_result(&call["id"], ANSWER, Duration::from_millis(300))).await;
+    let app = spawn_app_with(
+        &format!("{}/mcp", server.base),
+        &[
+            ("mcp.max_response_bytes", json!(500_000)),
+            ("mcp.response_budget_bytes", json!(BUDGET)),
+            ("mcp.call_timeout_ms", json!(3_000)),
+            ("worker.retry_delays_ms", json!([200, 400])),
+        ],
+    )
+    .await;
+
+    for n in 0..JOBS {
+        app.call(&format!("big-{n}"), "nobody", "echo", json!({})).await;
+    }
+    let mut ok = 0;
+    for _ in 0..JOBS {
+        let (reply, _) = app.next_reply().await;
+        if reply["status"] == "ok" {
+            assert_eq!(reply["result"]["content"][0]["text"].as_str().unwrap().len(), ANSWER);
+            ok += 1;
+        } else {
+            assert_eq!(reply["error"]["code"], "mcp_unavailable", "{reply}");
+            assert!(reply["error"]["message"].as_str().unwrap().contains("mcp.response_budget_bytes"), "{reply}");
+        }
+    }
+    assert!(ok > 0, "some answers fit in the budget");
+    let metrics = reqwest::get(format!("{}/metrics", app.api)).await.unwrap().text().await.unwrap();
+    let peak = metric(&metrics, "mcp_worker_mcp_response_bytes_peak");
+    assert!(peak > ANSWER as u64, "answers were held at the same time (peak {peak})");
+    assert!(peak <= BUDGET, "the bytes held at once ({peak}) passed the budget ({BUDGET})");
+    assert_eq!(metric(&metrics, "mcp_worker_mcp_response_bytes "), 0, "every byte went back");
+    app.stop().await;
+}
