@@ -22,7 +22,7 @@ use crate::messages::TokenEventKind;
 use crate::metrics::Metrics;
 use crate::oauth::{OAuthClient, TokenRules};
 use crate::provider::Provider;
-use crate::queue::{Broker, Jobs, QueueError, Topology};
+use crate::queue::{Broker, Consumer, QueueError, Topology};
 use crate::refresher::{Refresher, RefresherConfig, RefresherError, RequestLimits};
 use crate::registry::Registry;
 use crate::store::{MigrationError, MigrationStatus, Store, StoreError, embedded_migrations};
@@ -69,8 +69,8 @@ impl Roles {
 pub struct App {
     broker: Broker,
     /// The worker, its jobs, and the token events that keep its cache in step (when it caches).
-    worker: Option<(Arc<Worker>, Jobs, Option<Jobs>)>,
-    refresher: Option<(Arc<Refresher>, Jobs)>,
+    worker: Option<(Arc<Worker>, Consumer, Option<Consumer>)>,
+    refresher: Option<(Arc<Refresher>, Consumer)>,
     http: (tokio::net::TcpListener, Arc<ApiState>),
     /// Whether the connect, disconnect and status endpoints are served (the `api` role).
     connections: bool,

@@ -21,7 +21,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, Jobs, Publisher, QueueError, Source, Topology};
+use super::{Delivery, Consumer, Publisher, QueueError, Source, Topology};
 use crate::secret::Secret;
 
 /// The largest AMQP frame this side proposes, in bytes (see `establish`).
@@ -104,14 +104,14 @@ impl Broker {
 
     /// Starts consuming `queue` on the current link with at most `prefetch` unacknowledged
     /// deliveries.
-    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Jobs, QueueError> {
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, QueueError> {
         self.open(&Source::Queue(queue.to_owned()), prefetch).await
     }
 
     /// Subscribes to the messages of `exchange` with these routing keys, through a private queue
     /// of this process. Deliveries need no ack (they are advisory), and none published while no
     /// link is up reach this process: [`Broker::watch`] reports such gaps.
-    pub async fn subscribe(&self, exchange: &str, routing_keys: &[&str]) -> Result<Jobs, QueueError> {
+    pub async fn subscribe(&self, exchange: &str, routing_keys: &[&str]) -> Result<Consumer, QueueError> {
         let source = Source::Subscription {
             exchange: exchange.to_owned(),
             routing_keys: routing_keys.iter().map(|k| (*k).to_owned()).collect(),
@@ -120,7 +120,7 @@ impl Broker {
     }
 
     /// Consumes `source` on a new channel of the current link.
-    async fn open(&self, source: &Source, prefetch: u16) -> Result<Jobs, QueueError> {
+    async fn open(&self, source: &Source, prefetch: u16) -> Result<Consumer, QueueError> {
         let link = self.shared.link();
         let channel = link.connection.create_channel().await?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -146,7 +146,7 @@ impl Broker {
         };
         let options = BasicConsumeOptions { no_ack, ..Default::default() };
         let consumer = channel.basic_consume(queue.as_str().into(), "".into(), options, FieldTable::default()).await?;
-        Ok(Jobs {
+        Ok(Consumer {
             channel,
             consumer,
             generation: link.generation,
@@ -161,11 +161,11 @@ impl Broker {
         Publisher::new(self.shared.clone())
     }
 
-    /// The next delivery of `jobs`. When their consumer is lost (channel or connection gone), it
+    /// The next delivery of `consumer`. When it is lost (channel or connection gone), it
     /// waits for the next link and consumes the same queue again. `None` once `shutdown` fires.
-    pub async fn next(&self, jobs: &mut Jobs, shutdown: &CancellationToken) -> Option<Delivery> {
+    pub async fn next(&self, consumer: &mut Consumer, shutdown: &CancellationToken) -> Option<Delivery> {
         loop {
-            if let Watched::Delivery(delivery) = self.watch(jobs, shutdown).await? {
+            if let Watched::Delivery(delivery) = self.watch(consumer, shutdown).await? {
                 return Some(delivery);
             }
         }
@@ -173,22 +173,22 @@ impl Broker {
 
     /// Like [`Broker::next`], but also says when the consumer was lost and when it consumes
     /// again, for consumers that must know what they may have missed (a subscription).
-    pub async fn watch(&self, jobs: &mut Jobs, shutdown: &CancellationToken) -> Option<Watched> {
-        if jobs.lost {
-            *jobs = self.resume(jobs, shutdown).await?;
-            tracing::info!(queue = %jobs.queue, "consuming again");
+    pub async fn watch(&self, consumer: &mut Consumer, shutdown: &CancellationToken) -> Option<Watched> {
+        if consumer.lost {
+            *consumer = self.resume(consumer, shutdown).await?;
+            tracing::info!(queue = %consumer.queue, "consuming again");
             return Some(Watched::Resumed);
         }
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => return None,
-            delivery = jobs.next() => delivery,
+            delivery = consumer.next() => delivery,
         };
         match delivery {
             Some(Ok(delivery)) => Some(Watched::Delivery(delivery)),
             lost => {
                 let reason = lost.and_then(Result::err).map_or("the broker cancelled it".into(), |e| e.to_string());
-                tracing::warn!(reason, queue = %jobs.queue, "lost a consumer; resuming once RabbitMQ is back");
-                jobs.lost = true;
+                tracing::warn!(reason, queue = %consumer.queue, "lost a consumer; resuming once RabbitMQ is back");
+                consumer.lost = true;
                 Some(Watched::Lost)
             }
         }
@@ -196,7 +196,7 @@ impl Broker {
 
     /// After `lost` ended: waits for a newer link and consumes the same queue on it. `None` once
     /// `shutdown` fires first.
-    async fn resume(&self, lost: &Jobs, shutdown: &CancellationToken) -> Option<Jobs> {
+    async fn resume(&self, lost: &Consumer, shutdown: &CancellationToken) -> Option<Consumer> {
         let mut generation = lost.generation;
         loop {
             let link = self.shared.link();
@@ -210,7 +210,7 @@ impl Broker {
                 _ = self.shared.newer_than(generation, Duration::MAX) => {}
             }
             match self.open(&lost.source, lost.prefetch).await {
-                Ok(jobs) => return Some(jobs),
+                Ok(consumer) => return Some(consumer),
                 Err(e) => {
                     tracing::warn!(error = %e, queue = %lost.queue, "cannot consume on the new link yet");
                     generation = self.shared.link().generation;

@@ -1,7 +1,7 @@
 //! RabbitMQ: the only module that imports `lapin`.
 //!
 //! [`Broker`] owns the AMQP connection and gets it back when it is lost. From it come the job
-//! stream ([`Jobs`], manual acks, bounded prefetch), subscriptions to the events exchange (a
+//! stream ([`Consumer`], manual acks, bounded prefetch), subscriptions to the events exchange (a
 //! private queue per process, declared again on every link), and the [`Publisher`] (a channel in
 //! confirm mode). Everyone else sees [`Delivery`] and plain strings, never an AMQP type.
 
@@ -15,10 +15,7 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 
 pub use broker::{Broker, Watched};
-pub use publisher::{
-    ATTEMPTS_HEADER, CLAIM_HEADER, DEFERRALS_HEADER, FAILURES_HEADER, Published, Publisher, REASON_HEADER,
-    REFUSED_VERSION_HEADER, Return, WAITS_HEADER,
-};
+pub use publisher::{Published, Publisher, REASON_HEADER};
 pub use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +38,8 @@ impl From<lapin::Error> for QueueError {
     }
 }
 
-/// The stream of job deliveries from one consumer.
-pub struct Jobs {
+/// One consumer of a queue or a subscription: the stream of its deliveries, with manual acks.
+pub struct Consumer {
     channel: Channel,
     consumer: lapin::Consumer,
     /// The link it came from, and what it consumes: [`Broker::next`] consumes it again after a loss.
@@ -65,7 +62,7 @@ enum Source {
     Subscription { exchange: String, routing_keys: Vec<String> },
 }
 
-impl Jobs {
+impl Consumer {
     /// The next delivery; `None` once the consumer is cancelled or the channel is closed. Others
     /// go through [`Broker::next`], which resumes a lost consumer.
     pub(super) async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
@@ -80,29 +77,16 @@ impl Jobs {
     }
 }
 
-/// One job message as the worker sees it.
+/// One message as a consumer sees it: no AMQP type, headers read through typed accessors.
 pub struct Delivery {
     pub body: Vec<u8>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     pub message_id: Option<String>,
     pub redelivered: bool,
-    /// How many times the worker already deferred this job waiting for its token.
-    pub deferrals: u32,
-    /// How many times the worker already retried this job after a transient MCP failure.
-    pub retries: u32,
-    /// How many times the worker already let this job wait for an unreachable database.
-    pub waits: u32,
-    /// The version of the user's token an MCP server refused on an earlier delivery.
-    pub refused_version: Option<i64>,
-    /// The job claim this delivery took back from the delay queue, if it held one.
-    pub claim: Option<String>,
     /// How many earlier deliveries of this message ended without an ack (the quorum queue's
-    /// `x-delivery-count`).
+    /// `x-delivery-count`; a classic queue keeps none).
     pub failed_deliveries: u32,
-    /// How many earlier deliveries of this message failed, as counted by a consumer that
-    /// republishes it ([`FAILURES_HEADER`]; for classic queues, which keep no count).
-    pub failures: u32,
     inner: lapin::message::Delivery,
 }
 
@@ -116,13 +100,7 @@ impl From<lapin::message::Delivery> for Delivery {
             correlation_id: text(props.correlation_id()),
             message_id: text(props.message_id()),
             redelivered: inner.redelivered,
-            deferrals: counter(props, DEFERRALS_HEADER),
-            retries: counter(props, ATTEMPTS_HEADER),
-            waits: counter(props, WAITS_HEADER),
-            claim: text_header(props, CLAIM_HEADER),
-            refused_version: integer_header(props, REFUSED_VERSION_HEADER),
-            failed_deliveries: counter(props, "x-delivery-count"),
-            failures: counter(props, FAILURES_HEADER),
+            failed_deliveries: integer_header(props, "x-delivery-count").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             body: std::mem::take(&mut inner.data),
             inner,
         }
@@ -161,9 +139,36 @@ impl Delivery {
         }
     }
 
+    /// A counter header (see [`Header::Count`]), 0 when absent or not a count.
+    pub fn count_header(&self, name: &str) -> u32 {
+        integer_header(&self.inner.properties, name).and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
+    }
+
+    /// An integer header, `None` when absent or not an integer.
+    pub fn integer_header(&self, name: &str) -> Option<i64> {
+        integer_header(&self.inner.properties, name)
+    }
+
+    /// A text header, `None` when absent or not text.
+    pub fn text_header(&self, name: &str) -> Option<String> {
+        text_header(&self.inner.properties, name)
+    }
+
     pub(crate) fn properties(&self) -> &lapin::BasicProperties {
         &self.inner.properties
     }
+}
+
+/// A header value a consumer sets on a copy it republishes ([`Publisher::republish`]); what the
+/// headers mean is the consumer's business, so no AMQP type leaves this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Header {
+    /// A counter: read back with [`Delivery::count_header`].
+    Count(u32),
+    /// Read back with [`Delivery::integer_header`].
+    Integer(i64),
+    /// Read back with [`Delivery::text_header`].
+    Text(String),
 }
 
 /// A text header of ours, `None` when absent or not text.
@@ -174,11 +179,6 @@ fn text_header(properties: &lapin::BasicProperties, header: &str) -> Option<Stri
         AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
         _ => None,
     }
-}
-
-/// A counter header, 0 when absent or not a number.
-fn counter(properties: &lapin::BasicProperties, header: &str) -> u32 {
-    integer_header(properties, header).and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
 }
 
 /// An integer header, `None` when absent or not an integer.

@@ -13,43 +13,13 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Confirmation};
 
 use super::broker::Shared;
-use super::{Delivery, QueueError};
+use super::{Delivery, Header, QueueError};
 
 /// How long a reply waits for a lost connection to come back before it is given up.
 const RESEND_WINDOW: Duration = Duration::from_secs(30);
 
 /// Header naming why the worker dead-lettered a message.
 pub const REASON_HEADER: &str = "x-mcp-worker-reason";
-
-/// Header counting how many times a job was deferred waiting for its token.
-pub const DEFERRALS_HEADER: &str = "x-mcp-deferrals";
-
-/// Header counting how many times a job was retried after a transient MCP failure.
-pub const ATTEMPTS_HEADER: &str = "x-mcp-retries";
-
-/// Header naming the job claim a delayed job still holds, so that it can take it back.
-pub const CLAIM_HEADER: &str = "x-mcp-claim";
-
-/// Header counting how many times a job waited for an unreachable database.
-pub const WAITS_HEADER: &str = "x-mcp-waits";
-
-/// Header naming the version of the user's token an MCP server refused (HTTP 401).
-pub const REFUSED_VERSION_HEADER: &str = "x-mcp-refused-version";
-/// Header counting the failed deliveries of a message on a classic queue, which keeps no
-/// `x-delivery-count`: the consumer republishes the message with the count raised.
-pub const FAILURES_HEADER: &str = "x-mcp-failures";
-
-/// What a job sent to a delay queue carries back to the jobs queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Return {
-    pub deferrals: u32,
-    pub retries: u32,
-    pub waits: u32,
-    /// The owner of the job's claim, if this delivery held one.
-    pub claim: Option<String>,
-    /// The version of the user's token an MCP server refused, if one did.
-    pub refused_version: Option<i64>,
-}
 
 /// Reply-to names of RabbitMQ's direct reply-to feature start with this.
 const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
@@ -105,41 +75,27 @@ impl Publisher {
         self.publish(queue, &delivery.body, properties, Resend::No).await
     }
 
-    /// Puts a copy of `delivery` in the delay `queue` with what it carries back, and waits for the
-    /// confirm. The delay queue sends it back to the jobs queue when its TTL runs out.
+    /// Publishes a copy of `delivery` to `queue` with its headers changed as `changes` says (a
+    /// value sets a header, `None` removes it), and waits for the confirm. This is how a job goes
+    /// to a delay queue with what it carries back, and how a failed request is put back counted.
     #[tracing::instrument(skip_all)]
-    pub async fn delay(&self, queue: &str, delivery: &Delivery, carry: &Return) -> Result<Published, QueueError> {
-        let original = delivery.properties();
-        let mut headers = original.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default();
-        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(carry.deferrals));
-        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(carry.retries));
-        headers.insert(WAITS_HEADER.into(), AMQPValue::LongUInt(carry.waits));
-        match &carry.claim {
-            Some(claim) => headers.insert(CLAIM_HEADER.into(), AMQPValue::LongString(claim.as_str().into())),
-            None => headers.remove(CLAIM_HEADER),
-        };
-        match carry.refused_version {
-            Some(version) => headers.insert(REFUSED_VERSION_HEADER.into(), AMQPValue::LongLongInt(version)),
-            None => headers.remove(REFUSED_VERSION_HEADER),
-        };
-        let headers = lapin::types::FieldTable::from(headers);
-        let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
-        self.publish(queue, &delivery.body, properties, Resend::No).await
-    }
-
-    /// Puts a copy of `delivery` back on `queue` with [`FAILURES_HEADER`] set to `failures`, and
-    /// waits for the confirm; the caller then acks the original.
-    #[tracing::instrument(skip_all)]
-    pub async fn count_failure(
+    pub async fn republish(
         &self,
         queue: &str,
         delivery: &Delivery,
-        failures: u32,
+        changes: &[(&str, Option<Header>)],
     ) -> Result<Published, QueueError> {
         let original = delivery.properties();
-        let mut headers = original.headers().clone().unwrap_or_default();
-        headers.insert(FAILURES_HEADER.into(), AMQPValue::LongUInt(failures));
-        let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
+        let mut headers = original.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default();
+        for (name, change) in changes {
+            match change {
+                Some(Header::Count(n)) => headers.insert((*name).into(), AMQPValue::LongUInt(*n)),
+                Some(Header::Integer(n)) => headers.insert((*name).into(), AMQPValue::LongLongInt(*n)),
+                Some(Header::Text(text)) => headers.insert((*name).into(), AMQPValue::LongString(text.as_str().into())),
+                None => headers.remove(*name),
+            };
+        }
+        let properties = original.clone().with_headers(headers.into()).with_delivery_mode(PERSISTENT);
         self.publish(queue, &delivery.body, properties, Resend::No).await
     }
 

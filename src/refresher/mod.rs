@@ -29,13 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use policy::{backlog, is_due, retry_at};
 use rate::RateLimiter;
-pub use requests::{RequestLimits, serve_requests};
+pub use requests::{FAILURES_HEADER, RequestLimits, serve_requests};
 
 use crate::events::Events;
 use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::metrics::Metrics;
 use crate::oauth::{FailureKind, OAuthClient};
-use crate::queue::{Broker, Jobs};
+use crate::queue::{Broker, Consumer};
 use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
 
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ impl Refresher {
     pub async fn run(
         self: Arc<Self>,
         broker: Broker,
-        requests: Jobs,
+        requests: Consumer,
         shutdown: CancellationToken,
     ) -> Result<(), RefresherError> {
         let scanning = Arc::new(tokio::sync::Mutex::new(()));

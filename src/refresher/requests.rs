@@ -17,10 +17,11 @@ use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::messages::RefreshRequest;
-use crate::queue::{Broker, Delivery, Jobs};
+use crate::queue::{Broker, Consumer, Delivery, Header};
 
-#[cfg(doc)]
-use crate::queue::FAILURES_HEADER;
+/// Counts the failed deliveries of a request: the refresh queue is a classic queue, which keeps
+/// no `x-delivery-count`, so the shell republishes a failed request with this count raised.
+pub const FAILURES_HEADER: &str = "x-mcp-failures";
 
 /// Where requests come from and where a failing one ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +61,7 @@ pub(crate) fn attempt(counted: u32, redelivered: bool, limit: u32) -> Attempt {
 /// with a handler that panics.
 pub async fn serve_requests<H, F>(
     broker: &Broker,
-    mut requests: Jobs,
+    mut requests: Consumer,
     shutdown: &CancellationToken,
     limits: &RequestLimits,
     handle: H,
@@ -70,13 +71,14 @@ pub async fn serve_requests<H, F>(
 {
     loop {
         let Some(delivery) = broker.next(&mut requests, shutdown).await else { return };
-        let settled = match attempt(delivery.failures, delivery.redelivered, limits.delivery_limit) {
+        let failures = delivery.count_header(FAILURES_HEADER);
+        let settled = match attempt(failures, delivery.redelivered, limits.delivery_limit) {
             Attempt::Run => match serde_json::from_slice::<RefreshRequest>(&delivery.body) {
                 Ok(request) => match crate::panics::caught(handle(request)).await {
                     Ok(()) => Ok(()),
                     Err(panic) => {
                         tracing::error!(panic = %panic, "handling a refresh request panicked; it is counted and retried");
-                        count(broker, limits, &delivery, delivery.failures.saturating_add(1)).await
+                        count(broker, limits, &delivery, failures.saturating_add(1)).await
                     }
                 },
                 Err(e) => {
@@ -113,7 +115,8 @@ async fn count(
     delivery: &Delivery,
     failures: u32,
 ) -> Result<(), crate::queue::QueueError> {
-    broker.publisher().count_failure(&limits.queue, delivery, failures).await.map(drop)
+    let counted = [(FAILURES_HEADER, Some(Header::Count(failures)))];
+    broker.publisher().republish(&limits.queue, delivery, &counted).await.map(drop)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::WorkerConfig;
+use super::envelope::Envelope;
 use super::policy::{self, CallBudget, TokenVerdict};
 use crate::dates;
 use crate::job::{ErrorCode, InvalidJob, Job, Reply};
@@ -17,27 +18,6 @@ use crate::mcp::McpCallError;
 use crate::metrics::{Deferral, Settled};
 use crate::provider::Provider;
 use crate::store::{Claim, StoreError};
-
-/// What a delivery says about itself: its AMQP properties and the worker's counters.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Envelope {
-    pub reply_to: Option<String>,
-    pub correlation_id: Option<String>,
-    pub message_id: Option<String>,
-    /// Earlier deliveries of this message that ended without an ack.
-    pub failed_deliveries: u32,
-    /// Times the job already waited for its user's token.
-    pub deferrals: u32,
-    /// Times the job was already retried after its MCP server was unavailable.
-    pub retries: u32,
-    /// Times the job already waited for an unreachable database.
-    pub waits: u32,
-    /// The claim this delivery took back from a delay queue, if it held one.
-    pub claim: Option<String>,
-    /// The version of the user's token that the MCP server refused (HTTP 401) on an earlier
-    /// delivery, which then waited for the refresher to renew it.
-    pub refused_version: Option<i64>,
-}
 
 /// Where the job's tool is served, as far as the rules care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::Worker;
-use super::decision::{self, CallFacts, Disposition, Envelope, Facts, Route, Step, TokenFacts};
+use super::decision::{self, CallFacts, Disposition, Facts, Route, Step, TokenFacts};
+use super::envelope::Envelope;
 use super::policy::{self, TokenVerdict};
 use crate::job::{self, Job};
 use crate::queue::Delivery;
@@ -19,7 +20,7 @@ impl Worker {
     /// Runs `delivery` through the job path up to the point of settling it; also says how long
     /// the MCP call took, if one was made.
     pub(super) async fn dispose(&self, delivery: &Delivery) -> (Option<Job>, Disposition, Duration) {
-        let envelope = envelope(delivery);
+        let envelope = Envelope::of(delivery);
         let mut job = match job::decode(&delivery.body, self.config.job_limits) {
             Ok(job) => job,
             Err(invalid) => return (None, decision::refuse_invalid(&envelope, invalid), Duration::ZERO),
@@ -137,20 +138,5 @@ impl Worker {
                 (Err(e), None)
             }
         }
-    }
-}
-
-/// What the rules need of a delivery's properties and counters.
-fn envelope(delivery: &Delivery) -> Envelope {
-    Envelope {
-        reply_to: delivery.reply_to.clone(),
-        correlation_id: delivery.correlation_id.clone(),
-        message_id: delivery.message_id.clone(),
-        failed_deliveries: delivery.failed_deliveries,
-        deferrals: delivery.deferrals,
-        retries: delivery.retries,
-        waits: delivery.waits,
-        claim: delivery.claim.clone(),
-        refused_version: delivery.refused_version,
     }
 }

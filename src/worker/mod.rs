@@ -7,6 +7,7 @@
 //! [`decision::Disposition`]. This file takes deliveries and settles them as that says.
 
 mod decision;
+mod envelope;
 mod execute;
 mod once;
 pub mod policy;
@@ -26,10 +27,11 @@ use crate::events::Events;
 use crate::mcp::McpClients;
 use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::metrics::Metrics;
-use crate::queue::{Broker, Delivery, Jobs, Published, Publisher, QueueError, Return};
+use crate::queue::{Broker, Consumer, Delivery, Published, Publisher, QueueError};
 use crate::registry::Registry;
 use crate::store::Store;
 use decision::{Disposition, Record, RefreshNeeded, RefusedToken, ReplyTarget};
+use envelope::{Carry, Envelope};
 use once::OncePerUser;
 use token_cache::TokenCache;
 
@@ -110,8 +112,8 @@ impl Worker {
     pub async fn run(
         self: Arc<Self>,
         broker: Broker,
-        mut jobs: Jobs,
-        events: Option<Jobs>,
+        mut jobs: Consumer,
+        events: Option<Consumer>,
         shutdown: CancellationToken,
     ) {
         let follower = events.map(|events| {
@@ -193,6 +195,7 @@ impl Worker {
 
     /// Publishes what the disposition asks for, waits for the broker's confirms, then acks.
     async fn settle(&self, delivery: &Delivery, disposition: &Disposition) -> Result<(), QueueError> {
+        let envelope = Envelope::of(delivery);
         match disposition {
             Disposition::Reply { to, reply, record } => {
                 let body = reply.to_bytes();
@@ -203,12 +206,12 @@ impl Worker {
             Disposition::Retry { level, claim } => {
                 let choices = &self.config.retries[*level];
                 let (queue, _) = &choices[rand::random::<usize>() % choices.len()];
-                let carry = Return { retries: delivery.retries.saturating_add(1), ..carry(delivery, Some(claim)) };
-                self.publisher.delay(queue, delivery, &carry).await?;
+                let carry = Carry { retries: envelope.retries.saturating_add(1), ..Carry::of(&envelope, Some(claim)) };
+                self.publisher.republish(queue, delivery, &carry.headers()).await?;
             }
             Disposition::Wait { claim, waits } => {
-                let carry = Return { waits: *waits, ..carry(delivery, claim.as_ref()) };
-                self.publisher.delay(&self.config.delay_queue, delivery, &carry).await?;
+                let carry = Carry { waits: *waits, ..Carry::of(&envelope, claim.as_ref()) };
+                self.publisher.republish(&self.config.delay_queue, delivery, &carry.headers()).await?;
             }
             Disposition::Reauth { to, reply, record, token } => {
                 self.mark_refused(token).await;
@@ -228,8 +231,8 @@ impl Worker {
             Disposition::Defer { deferrals, refresh, claim, refused_version } => {
                 self.request_refresh(refresh).await;
                 let carry =
-                    Return { deferrals: *deferrals, refused_version: *refused_version, ..carry(delivery, Some(claim)) };
-                self.publisher.delay(&self.config.delay_queue, delivery, &carry).await?;
+                    Carry { deferrals: *deferrals, refused_version: *refused_version, ..Carry::of(&envelope, Some(claim)) };
+                self.publisher.republish(&self.config.delay_queue, delivery, &carry.headers()).await?;
             }
         }
         delivery.ack().await
@@ -286,16 +289,5 @@ impl Worker {
             }
         }
         Ok(())
-    }
-}
-
-/// What a delayed copy of `delivery` carries back: its counters as they are, and `claim`.
-fn carry(delivery: &Delivery, claim: Option<&String>) -> Return {
-    Return {
-        deferrals: delivery.deferrals,
-        retries: delivery.retries,
-        waits: delivery.waits,
-        claim: claim.cloned(),
-        refused_version: delivery.refused_version,
     }
 }

@@ -10,11 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::Worker;
 use crate::messages::TokenEvent;
-use crate::queue::{Broker, Jobs, Watched};
+use crate::queue::{Broker, Consumer, Watched};
 
 impl Worker {
     /// Follows `events` until `shutdown`. Deliveries of a subscription need no ack.
-    pub(super) async fn follow_token_events(&self, broker: &Broker, mut events: Jobs, shutdown: &CancellationToken) {
+    pub(super) async fn follow_token_events(&self, broker: &Broker, mut events: Consumer, shutdown: &CancellationToken) {
         // The subscription was made before the first job was taken: reads from now on are safe.
         self.tokens.resume(Instant::now());
         while let Some(watched) = broker.watch(&mut events, shutdown).await {
