@@ -16,10 +16,10 @@ use crate::provider::Provider;
 use crate::secret::Secret;
 
 /// The defaults, compiled in so that a binary without its source tree still starts.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Prefix of the environment variables that override configuration keys.
-pub const ENV_PREFIX: &str = "MCP_WORKER_";
+pub(crate) const ENV_PREFIX: &str = "MCP_WORKER_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,12 +41,12 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub amqp: AmqpSettings,
     pub mongodb: MongoSettings,
-    pub worker: WorkerSettings,
+    pub(crate) worker: WorkerSettings,
     pub mcp: McpSettings,
     pub encryption: EncryptionSettings,
     pub http: HttpSettings,
     pub providers: ProvidersSettings,
-    pub refresher: RefresherSettings,
+    pub(crate) refresher: RefresherSettings,
     pub tokens: TokenSettings,
 }
 
@@ -62,18 +62,18 @@ pub struct EncryptionSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: std::net::SocketAddr,
-    pub service_key: Secret<String>,
-    pub default_return_to: String,
-    pub return_to_allowlist: Vec<String>,
-    pub state_ttl_secs: u64,
-    pub header_read_timeout_ms: u64,
-    pub body_read_timeout_ms: u64,
-    pub max_connections: usize,
+    pub(crate) service_key: Secret<String>,
+    pub(crate) default_return_to: String,
+    pub(crate) return_to_allowlist: Vec<String>,
+    pub(crate) state_ttl_secs: u64,
+    pub(crate) header_read_timeout_ms: u64,
+    pub(crate) body_read_timeout_ms: u64,
+    pub(crate) max_connections: usize,
 }
 
 impl HttpSettings {
     /// What one client may take of the listener.
-    pub fn limits(&self) -> crate::api::Limits {
+    pub(crate) fn limits(&self) -> crate::api::Limits {
         crate::api::Limits {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
@@ -101,59 +101,59 @@ impl ProvidersSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSettings {
-    pub client_id: String,
-    pub client_secret: Secret<String>,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: Secret<String>,
     pub authorize_url: String,
-    pub token_url: String,
-    pub revoke_url: String,
-    pub redirect_uri: String,
-    pub scopes: Vec<String>,
-    pub client_auth: ClientAuth,
-    pub default_token_lifetime_secs: u64,
+    pub(crate) token_url: String,
+    pub(crate) revoke_url: String,
+    pub(crate) redirect_uri: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) client_auth: ClientAuth,
+    pub(crate) default_token_lifetime_secs: u64,
     pub max_token_lifetime_secs: u64,
-    pub rate_limit_per_minute: u32,
-    pub request_timeout_secs: u64,
+    pub(crate) rate_limit_per_minute: u32,
+    pub(crate) request_timeout_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     ClientSecretPost,
     ClientSecretBasic,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RefresherSettings {
-    pub interval_secs: u64,
-    pub lead_secs: u64,
-    pub lease_secs: u64,
-    pub concurrency: usize,
-    pub batch: i64,
-    pub retry_initial_secs: u64,
-    pub retry_max_secs: u64,
+pub(crate) struct RefresherSettings {
+    pub(crate) interval_secs: u64,
+    pub(crate) lead_secs: u64,
+    pub(crate) lease_secs: u64,
+    pub(crate) concurrency: usize,
+    pub(crate) batch: i64,
+    pub(crate) retry_initial_secs: u64,
+    pub(crate) retry_max_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
-    pub cache_ttl_ms: u64,
-    pub clock_skew_secs: u64,
-    pub max_deferrals: u32,
-    pub defer_ms: u64,
-    pub max_token_bytes: usize,
+    pub(crate) cache_ttl_ms: u64,
+    pub(crate) clock_skew_secs: u64,
+    pub(crate) max_deferrals: u32,
+    pub(crate) defer_ms: u64,
+    pub(crate) max_token_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
-    pub format: LogFormat,
-    pub filter: String,
+    pub(crate) format: LogFormat,
+    pub(crate) filter: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Human,
     Json,
 }
@@ -166,7 +166,7 @@ pub struct AmqpSettings {
     pub dead_letter_queue: String,
     pub refresh_queue: String,
     pub events_exchange: String,
-    pub prefetch: u16,
+    pub(crate) prefetch: u16,
     pub delivery_limit: u32,
 }
 
@@ -179,21 +179,21 @@ pub struct MongoSettings {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WorkerSettings {
-    pub concurrency: usize,
-    pub max_job_bytes: usize,
-    pub max_arguments_depth: usize,
-    pub shutdown_grace_secs: u64,
-    pub results_ttl_secs: u64,
-    pub retry_delays_ms: Vec<u64>,
-    pub retry_jitter_percent: u64,
-    pub max_waits: u32,
+pub(crate) struct WorkerSettings {
+    pub(crate) concurrency: usize,
+    pub(crate) max_job_bytes: usize,
+    pub(crate) max_arguments_depth: usize,
+    pub(crate) shutdown_grace_secs: u64,
+    pub(crate) results_ttl_secs: u64,
+    pub(crate) retry_delays_ms: Vec<u64>,
+    pub(crate) retry_jitter_percent: u64,
+    pub(crate) max_waits: u32,
 }
 
 impl WorkerSettings {
     /// For each retry, the delays (ms) it may wait, one of which is picked at random: the
     /// configured delay, and `retry_jitter_percent` less and more.
-    pub fn retry_delays(&self) -> Vec<Vec<u64>> {
+    pub(crate) fn retry_delays(&self) -> Vec<Vec<u64>> {
         self.retry_delays_ms
             .iter()
             .map(|&ms| {
@@ -209,32 +209,32 @@ impl WorkerSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpSettings {
-    pub call_timeout_ms: u64,
-    pub connect_timeout_ms: u64,
-    pub max_response_bytes: u64,
-    pub response_budget_bytes: u64,
+    pub(crate) call_timeout_ms: u64,
+    pub(crate) connect_timeout_ms: u64,
+    pub(crate) max_response_bytes: u64,
+    pub(crate) response_budget_bytes: u64,
     pub servers: BTreeMap<String, McpServerSettings>,
 }
 
 impl AmqpSettings {
     /// The queue deferred jobs wait in. Its name carries the delay, so changing `tokens.defer_ms`
     /// declares a new queue instead of clashing with the old one's arguments.
-    pub fn delay_queue(&self, defer_ms: u64) -> String {
+    pub(crate) fn delay_queue(&self, defer_ms: u64) -> String {
         format!("{}.delay.{defer_ms}ms", self.jobs_queue)
     }
 
     /// The queue a job waits in before a retry `delay_ms` later; named like [`Self::delay_queue`].
-    pub fn retry_queue(&self, delay_ms: u64) -> String {
+    pub(crate) fn retry_queue(&self, delay_ms: u64) -> String {
         format!("{}.retry.{delay_ms}ms", self.jobs_queue)
     }
 }
 
 impl McpSettings {
-    pub fn call_timeout(&self) -> Duration {
+    pub(crate) fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
     }
 
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
@@ -254,7 +254,7 @@ impl McpSettings {
 #[serde(deny_unknown_fields)]
 pub struct McpServerSettings {
     pub url: String,
-    pub tool_prefix: Option<String>,
+    pub(crate) tool_prefix: Option<String>,
     pub tools: Option<Vec<String>>,
     pub auth: Option<AuthSettings>,
 }
@@ -306,7 +306,7 @@ impl Settings {
 
     /// The checks serde cannot express. Cross-server routing rules are checked when the
     /// registry is built from these settings, see [`crate::registry::Registry::from_settings`].
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.telemetry.filter.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(invalid("telemetry.filter", "is not a valid tracing filter"));
         }

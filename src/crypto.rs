@@ -29,7 +29,7 @@ const PSEUDONYM_LABEL: &str = "mcp-worker log pseudonym v1";
 const PSEUDONYM_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum CryptoError {
+pub(crate) enum CryptoError {
     #[error("the value is not an encrypted token (or was encrypted in an unknown format)")]
     NotSealed,
     #[error("the value was encrypted with key `{0}`, which is not in the key ring")]
@@ -62,7 +62,7 @@ pub enum TokenCipher {
 
 impl KeyRing {
     /// Builds the ring from config; `None` when no key is configured.
-    pub fn from_settings(settings: &EncryptionSettings) -> Result<Option<Self>, ConfigError> {
+    pub(crate) fn from_settings(settings: &EncryptionSettings) -> Result<Option<Self>, ConfigError> {
         let invalid = |key: String, problem: &str| ConfigError::Invalid { key, problem: problem.to_owned() };
         if settings.keys.is_empty() && settings.active_key.is_empty() {
             return Ok(None);
@@ -94,11 +94,7 @@ impl KeyRing {
         Ok(Some(Self { active, keys, pseudonym_key }))
     }
 
-    pub fn active_key(&self) -> &str {
-        &self.active
-    }
-
-    pub fn seal(&self, plaintext: &str, context: &str) -> String {
+    pub(crate) fn seal(&self, plaintext: &str, context: &str) -> String {
         let cipher = &self.keys[&self.active];
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let ciphertext = cipher
@@ -109,7 +105,7 @@ impl KeyRing {
         format!("{FORMAT}.{}.{}", self.active, URL_SAFE_NO_PAD.encode(blob))
     }
 
-    pub fn open(&self, sealed: &str, context: &str) -> Result<Secret<String>, CryptoError> {
+    pub(crate) fn open(&self, sealed: &str, context: &str) -> Result<Secret<String>, CryptoError> {
         let (key_id, blob) = parse(sealed).ok_or(CryptoError::NotSealed)?;
         let cipher = self.keys.get(key_id).ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
         let blob = URL_SAFE_NO_PAD.decode(blob).map_err(|_| CryptoError::NotSealed)?;
@@ -124,7 +120,7 @@ impl KeyRing {
     }
 
     /// Whether `sealed` was sealed with the active key (rotation skips those).
-    pub fn is_current(&self, sealed: &str) -> bool {
+    pub(crate) fn is_current(&self, sealed: &str) -> bool {
         parse(sealed).is_some_and(|(key_id, _)| key_id == self.active)
     }
 }
@@ -169,7 +165,7 @@ impl TokenCipher {
         }
     }
 
-    pub fn seal(&self, plaintext: &Secret<String>, context: &str) -> String {
+    pub(crate) fn seal(&self, plaintext: &Secret<String>, context: &str) -> String {
         match self {
             TokenCipher::Sealed(ring) => ring.seal(plaintext.expose(), context),
             TokenCipher::Plaintext => plaintext.expose().clone(),
@@ -179,7 +175,7 @@ impl TokenCipher {
     /// The form of `user_id` that may be logged: the same for the same user (while the active
     /// key stays), and not reversible without the key. Without keys (plaintext development mode)
     /// it is an unkeyed hash, which anyone who can guess the id can match.
-    pub fn pseudonym(&self, user_id: &str) -> String {
+    pub(crate) fn pseudonym(&self, user_id: &str) -> String {
         match self {
             TokenCipher::Sealed(ring) => {
                 hex(&hmac_sha256(&ring.pseudonym_key, user_id.as_bytes())[..PSEUDONYM_LEN / 2])
@@ -190,7 +186,7 @@ impl TokenCipher {
 
     /// Opens a stored value. In plaintext mode a sealed value is still opened if it can be, which
     /// it cannot without keys, so that mode only reads values it wrote.
-    pub fn open(&self, stored: &str, context: &str) -> Result<Secret<String>, CryptoError> {
+    pub(crate) fn open(&self, stored: &str, context: &str) -> Result<Secret<String>, CryptoError> {
         match self {
             TokenCipher::Sealed(ring) => ring.open(stored, context),
             TokenCipher::Plaintext if parse(stored).is_some() => {

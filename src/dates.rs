@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// `duration` as a chrono delta, `TimeDelta::MAX` when it does not fit.
-pub fn delta(duration: Duration) -> TimeDelta {
+pub(crate) fn delta(duration: Duration) -> TimeDelta {
     TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
 }
 
@@ -21,12 +21,12 @@ pub fn after(at: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
 }
 
 /// `at - duration`, or the earliest representable date when that is out of range.
-pub fn before(at: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+pub(crate) fn before(at: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
     at.checked_sub_signed(delta(duration)).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// How long from `from` until `to`; zero when `to` is not after `from`.
-pub fn until(from: DateTime<Utc>, to: DateTime<Utc>) -> Duration {
+pub(crate) fn until(from: DateTime<Utc>, to: DateTime<Utc>) -> Duration {
     (to - from).to_std().unwrap_or(Duration::ZERO)
 }
 

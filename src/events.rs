@@ -9,17 +9,17 @@ use crate::provider::Provider;
 use crate::queue::Publisher;
 
 #[derive(Clone)]
-pub struct Events {
+pub(crate) struct Events {
     publisher: Publisher,
     exchange: String,
 }
 
 impl Events {
-    pub fn new(publisher: Publisher, exchange: String) -> Self {
+    pub(crate) fn new(publisher: Publisher, exchange: String) -> Self {
         Self { publisher, exchange }
     }
 
-    pub async fn emit(&self, kind: TokenEventKind, provider: Provider, user_id: &str, reason: &str) {
+    pub(crate) async fn emit(&self, kind: TokenEventKind, provider: Provider, user_id: &str, reason: &str) {
         let event = TokenEvent { user_id: user_id.to_owned(), provider, at: Utc::now(), reason: reason.to_owned() };
         let body = serde_json::to_vec(&event).expect("an event serializes");
         if let Err(e) = self.publisher.event(&self.exchange, kind.routing_key(), &body).await {

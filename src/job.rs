@@ -19,11 +19,11 @@ pub const MAX_ID_LEN: usize = 255;
 /// A decoded, validated job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
-    pub job_id: String,
-    pub user_id: String,
-    pub tool: String,
-    pub arguments: Map<String, Value>,
-    pub deadline: Option<DateTime<Utc>>,
+    pub(crate) job_id: String,
+    pub(crate) user_id: String,
+    pub(crate) tool: String,
+    pub(crate) arguments: Map<String, Value>,
+    pub(crate) deadline: Option<DateTime<Utc>>,
 }
 
 /// The job as it arrives on the wire.
@@ -41,8 +41,8 @@ struct JobV1 {
 /// Why a message is not a valid job, with whatever job id could still be read from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidJob {
-    pub job_id: Option<String>,
-    pub reason: String,
+    pub(crate) job_id: Option<String>,
+    pub(crate) reason: String,
 }
 
 impl fmt::Display for InvalidJob {
@@ -228,15 +228,15 @@ pub enum Reply {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplyError {
-    pub code: ErrorCode,
-    pub message: String,
-    pub retryable: bool,
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+    pub(crate) retryable: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub provider: Option<Provider>,
+    pub(crate) provider: Option<Provider>,
 }
 
 impl Reply {
-    pub fn ok(job_id: &str, result: Value) -> Self {
+    pub(crate) fn ok(job_id: &str, result: Value) -> Self {
         Reply::Ok { job_id: Some(job_id.to_owned()), result }
     }
 
@@ -261,7 +261,7 @@ impl Reply {
     }
 
     /// The error code, for an error reply.
-    pub fn error_code(&self) -> Option<ErrorCode> {
+    pub(crate) fn error_code(&self) -> Option<ErrorCode> {
         match self {
             Reply::Ok { .. } => None,
             Reply::Error { error, .. } => Some(error.code),
@@ -269,7 +269,7 @@ impl Reply {
     }
 
     /// A short label for logs and metrics: `ok` or the error code.
-    pub fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             Reply::Ok { .. } => "ok",
             Reply::Error { error, .. } => error.code.as_str(),

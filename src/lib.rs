@@ -6,16 +6,16 @@
 //! publishes the reply ([`job`] holds the wire format). [`app`] wires the parts together;
 //! docs/ARCHITECTURE.md has the map.
 
-pub mod api;
+mod api;
 pub mod app;
 pub mod config;
 pub mod crypto;
 pub mod dates;
-pub mod events;
+mod events;
 pub mod job;
 pub mod mcp;
 pub mod messages;
-pub mod metrics;
+mod metrics;
 pub mod oauth;
 mod panics;
 pub mod provider;
@@ -26,4 +26,4 @@ pub mod registry;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
-pub mod worker;
+mod worker;

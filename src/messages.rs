@@ -10,17 +10,17 @@ use crate::store::{StoreError, StoredToken, TokenStatus};
 
 /// Routing keys of [`TokenEvent`] on the events exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TokenEventKind {
+pub(crate) enum TokenEventKind {
     Connected,
     Disconnected,
     ReauthRequired,
 }
 
 impl TokenEventKind {
-    pub const ALL: [TokenEventKind; 3] =
+    pub(crate) const ALL: [TokenEventKind; 3] =
         [TokenEventKind::Connected, TokenEventKind::Disconnected, TokenEventKind::ReauthRequired];
 
-    pub fn routing_key(self) -> &'static str {
+    pub(crate) fn routing_key(self) -> &'static str {
         match self {
             TokenEventKind::Connected => "token.connected",
             TokenEventKind::Disconnected => "token.disconnected",
@@ -31,11 +31,11 @@ impl TokenEventKind {
 
 /// `{"user_id", "provider", "at", "reason"}` on the `mcp.events` topic exchange.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenEvent {
-    pub user_id: String,
-    pub provider: Provider,
-    pub at: DateTime<Utc>,
-    pub reason: String,
+pub(crate) struct TokenEvent {
+    pub(crate) user_id: String,
+    pub(crate) provider: Provider,
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) reason: String,
 }
 
 /// The worker's request to renew one user's token now, on `amqp.refresh_queue`: a job needs the
@@ -43,26 +43,26 @@ pub struct TokenEvent {
 /// (another request renewed it) are dropped, so a burst of jobs causes one refresh.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefreshRequest {
-    pub provider: Provider,
-    pub user_id: String,
-    pub needed_until: DateTime<Utc>,
+    pub(crate) provider: Provider,
+    pub(crate) user_id: String,
+    pub(crate) needed_until: DateTime<Utc>,
     /// The MCP server refused the user's current token (HTTP 401): renew it whatever its expiry.
     /// Absent in requests from older workers.
     #[serde(default)]
-    pub refused: bool,
+    pub(crate) refused: bool,
 }
 
 /// A user's connection as the chat backend sees it: never a token value.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionStatus {
-    pub connected: bool,
+    pub(crate) connected: bool,
     /// `active` or `reauth_required`, when connected.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<&'static str>,
+    pub(crate) status: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<DateTime<Utc>>,
+    pub(crate) expires_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub updated_at: Option<DateTime<Utc>>,
+    pub(crate) updated_at: Option<DateTime<Utc>>,
 }
 
 impl ConnectionStatus {

@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// The content type of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabels {
@@ -52,7 +52,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// How one delivery of a job was settled, as the metrics count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settled {
+pub(crate) enum Settled {
     /// A reply was published: `code` is `None` for `ok`.
     Answered { code: Option<&'static str> },
     /// The job had already run; its recorded reply was published again.
@@ -65,7 +65,7 @@ pub enum Settled {
 
 /// Why a job was put in a delay queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deferral {
+pub(crate) enum Deferral {
     /// Its user's token must be renewed first.
     Token,
     /// The MCP server was unavailable; it is retried.
@@ -86,14 +86,14 @@ impl Deferral {
 
 /// The refresher's view of the tokens it must renew, taken at each scan.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backlog {
+pub(crate) struct Backlog {
     /// Active tokens expiring within the lead time (including those already expired).
-    pub due: u64,
+    pub(crate) due: u64,
     /// Active tokens already expired.
-    pub overdue: u64,
+    pub(crate) overdue: u64,
     /// How long ago the most overdue token should have been renewed (its expiry minus the lead
     /// time); zero when nothing is due.
-    pub lag: Duration,
+    pub(crate) lag: Duration,
 }
 
 pub struct Metrics {
@@ -121,7 +121,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         // 1 ms to about 65 s: from a cached token and a fast server up to the longest calls.
         fn latency() -> Histogram {
             Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -218,7 +218,7 @@ impl Metrics {
     }
 
     /// Counts one settled job delivery that took `duration` from delivery to ack.
-    pub fn job_settled(&self, settled: Settled, duration: Duration) {
+    pub(crate) fn job_settled(&self, settled: Settled, duration: Duration) {
         let (outcome, code) = match settled {
             Settled::Answered { code: None } => ("ok", "none"),
             Settled::Answered { code: Some(code) } => ("error", code),
@@ -237,26 +237,26 @@ impl Metrics {
     }
 
     /// Records one `tools/call` to `server`: `outcome` is `ok` or the error code it maps to.
-    pub fn mcp_call(&self, server: &str, outcome: &'static str, duration: Duration) {
+    pub(crate) fn mcp_call(&self, server: &str, outcome: &'static str, duration: Duration) {
         self.mcp_call_duration
             .get_or_create(&McpLabels { server: server.to_owned(), outcome })
             .observe(duration.as_secs_f64());
     }
 
     /// Counts one refresh attempt's outcome.
-    pub fn refreshed(&self, outcome: &'static str) {
+    pub(crate) fn refreshed(&self, outcome: &'static str) {
         self.refreshes.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// Sets the backlog gauges from a scan.
-    pub fn backlog(&self, backlog: Backlog) {
+    pub(crate) fn backlog(&self, backlog: Backlog) {
         self.tokens_due.set(i64::try_from(backlog.due).unwrap_or(i64::MAX));
         self.tokens_overdue.set(i64::try_from(backlog.overdue).unwrap_or(i64::MAX));
         self.refresh_lag.set(backlog.lag.as_secs_f64());
     }
 
     /// Counts a broker link established again after a loss.
-    pub fn reconnected(&self) {
+    pub(crate) fn reconnected(&self) {
         self.reconnects.inc();
     }
 
@@ -271,13 +271,13 @@ impl Metrics {
     }
 
     /// Sets the MCP response budget's gauges: bytes held now, and the most held at once.
-    pub fn mcp_response_bytes(&self, in_flight: u64, peak: u64) {
+    pub(crate) fn mcp_response_bytes(&self, in_flight: u64, peak: u64) {
         self.mcp_response_bytes.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         self.mcp_response_bytes_peak.set(i64::try_from(peak).unwrap_or(i64::MAX));
     }
 
     /// The metrics in the OpenMetrics text format ([`CONTENT_TYPE`]).
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out

@@ -22,7 +22,7 @@ impl Provider {
     }
 
     /// The MongoDB collection holding this provider's tokens, one document per user.
-    pub fn token_collection(self) -> &'static str {
+    pub(crate) fn token_collection(self) -> &'static str {
         match self {
             Provider::Qlik => "qlik_tokens",
         }

@@ -21,15 +21,15 @@ pub struct Registry {
 }
 
 #[derive(Debug)]
-pub struct ServerSpec {
-    pub name: String,
-    pub url: String,
-    pub tools: ToolSelector,
-    pub auth: Option<AuthSpec>,
+pub(crate) struct ServerSpec {
+    pub(crate) name: String,
+    pub(crate) url: String,
+    pub(crate) tools: ToolSelector,
+    pub(crate) auth: Option<AuthSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ToolSelector {
+pub(crate) enum ToolSelector {
     Prefix(String),
     List(BTreeSet<String>),
 }
@@ -55,9 +55,9 @@ impl ToolSelector {
 
 /// How one server wants the user's token: which provider's, in which header, in which form.
 #[derive(Debug)]
-pub struct AuthSpec {
-    pub provider: Provider,
-    pub header: HeaderName,
+pub(crate) struct AuthSpec {
+    pub(crate) provider: Provider,
+    pub(crate) header: HeaderName,
     /// The value with `{token}` split out: `prefix + token + suffix`.
     prefix: String,
     suffix: String,
@@ -66,8 +66,8 @@ pub struct AuthSpec {
 /// A header ready to go on the wire, marked sensitive so HTTP libraries don't log it.
 #[derive(Clone)]
 pub struct CredentialHeader {
-    pub name: HeaderName,
-    pub value: HeaderValue,
+    pub(crate) name: HeaderName,
+    pub(crate) value: HeaderValue,
 }
 
 impl std::fmt::Debug for CredentialHeader {
@@ -79,10 +79,10 @@ impl std::fmt::Debug for CredentialHeader {
 /// The token could not be put in a header (it has control characters or non-ASCII bytes).
 #[derive(Debug, thiserror::Error)]
 #[error("the stored access token contains bytes that are not allowed in an HTTP header")]
-pub struct InvalidTokenBytes;
+pub(crate) struct InvalidTokenBytes;
 
 impl AuthSpec {
-    pub fn credential(&self, token: &Secret<String>) -> Result<CredentialHeader, InvalidTokenBytes> {
+    pub(crate) fn credential(&self, token: &Secret<String>) -> Result<CredentialHeader, InvalidTokenBytes> {
         let text = format!("{}{}{}", self.prefix, token.expose(), self.suffix);
         let mut value = HeaderValue::from_str(&text).map_err(|_| InvalidTokenBytes)?;
         value.set_sensitive(true);
@@ -112,11 +112,11 @@ impl Registry {
         Ok(Self { servers })
     }
 
-    pub fn route(&self, tool: &str) -> Option<&ServerSpec> {
+    pub(crate) fn route(&self, tool: &str) -> Option<&ServerSpec> {
         self.servers.iter().find(|s| s.tools.matches(tool))
     }
 
-    pub fn servers(&self) -> &[ServerSpec] {
+    pub(crate) fn servers(&self) -> &[ServerSpec] {
         &self.servers
     }
 }

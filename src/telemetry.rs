@@ -31,7 +31,7 @@ pub fn init(settings: &TelemetrySettings) {
 }
 
 /// The subscriber `init` installs, writing to `writer` (tests capture its output).
-pub fn subscriber<W>(format: LogFormat, filter: EnvFilter, ansi: bool, writer: W) -> Box<dyn Subscriber + Send + Sync>
+pub(crate) fn subscriber<W>(format: LogFormat, filter: EnvFilter, ansi: bool, writer: W) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {

@@ -33,10 +33,10 @@ pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// What one client may take of the listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub max_connections: usize,
+pub(crate) struct Limits {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) max_connections: usize,
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown`.

@@ -27,25 +27,25 @@ use crate::provider::Provider;
 use crate::queue::Broker;
 use crate::secret::Secret;
 use crate::store::Store;
-pub use listener::Limits;
+pub(crate) use listener::Limits;
 
 /// What the handlers share.
-pub struct ApiState {
-    pub store: Store,
-    pub cipher: Arc<TokenCipher>,
-    pub oauth: HashMap<Provider, Arc<OAuthClient>>,
-    pub events: Events,
-    pub broker: Broker,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub service_key: Secret<String>,
-    pub default_return_to: String,
-    pub return_to_allowlist: Vec<reqwest::Url>,
-    pub state_ttl: std::time::Duration,
+pub(crate) struct ApiState {
+    pub(crate) store: Store,
+    pub(crate) cipher: Arc<TokenCipher>,
+    pub(crate) oauth: HashMap<Provider, Arc<OAuthClient>>,
+    pub(crate) events: Events,
+    pub(crate) broker: Broker,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) service_key: Secret<String>,
+    pub(crate) default_return_to: String,
+    pub(crate) return_to_allowlist: Vec<reqwest::Url>,
+    pub(crate) state_ttl: std::time::Duration,
 }
 
 /// The routes: health, readiness and metrics always; the connection endpoints when
 /// `connections` (the `api` role).
-pub fn router(state: Arc<ApiState>, connections: bool) -> Router {
+pub(crate) fn router(state: Arc<ApiState>, connections: bool) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
@@ -61,7 +61,7 @@ pub fn router(state: Arc<ApiState>, connections: bool) -> Router {
 }
 
 /// Serves the routes on `listener` within `limits` until `shutdown`; see [`listener`].
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
     connections: bool,

@@ -28,11 +28,11 @@ pub struct McpLimits {
     /// Longest first contact with a server (`mcp.connect_timeout_ms`).
     pub connect_timeout: Duration,
     /// Calls one client runs at once.
-    pub max_concurrent_calls: usize,
+    pub(crate) max_concurrent_calls: usize,
     /// The largest answer read (`mcp.max_response_bytes`).
-    pub max_response_bytes: usize,
+    pub(crate) max_response_bytes: usize,
     /// Bytes of answers held at once by the whole process (`mcp.response_budget_bytes`).
-    pub response_budget_bytes: u32,
+    pub(crate) response_budget_bytes: u32,
 }
 
 /// One client per configured server, by server name.

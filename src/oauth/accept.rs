@@ -28,9 +28,9 @@ pub struct TokenRules {
     /// The longest lifetime a token is given (`providers.<name>.max_token_lifetime_secs`).
     pub max_lifetime: Duration,
     /// Lifetime of a token whose answer has no usable `expires_in`.
-    pub default_lifetime: Duration,
+    pub(crate) default_lifetime: Duration,
     /// The longest access or refresh token accepted, in bytes (`tokens.max_token_bytes`).
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
 }
 
 impl TokenRules {
@@ -57,7 +57,7 @@ pub enum UnusableToken {
 /// Accepts a token value that is not empty, at most `max_bytes` long and only visible ASCII
 /// (`0x21..=0x7E`): every RFC 6750 `b64token` is, and every such value is a valid HTTP header
 /// value and survives a form body unchanged. `what` names the token in the error.
-pub fn check_token(what: &'static str, value: &str, max_bytes: usize) -> Result<(), UnusableToken> {
+pub(crate) fn check_token(what: &'static str, value: &str, max_bytes: usize) -> Result<(), UnusableToken> {
     if value.is_empty() {
         return Err(UnusableToken::Empty(what));
     }
@@ -78,16 +78,16 @@ pub fn check_tokens(access_token: &str, refresh_token: &str, rules: &TokenRules)
 
 /// A token's lifetime, and whether the number it came from had to be changed to get it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifetime {
-    pub duration: Duration,
+pub(crate) struct Lifetime {
+    pub(crate) duration: Duration,
     /// The number was out of bounds or not a number of seconds: worth a warning.
-    pub clamped: bool,
+    pub(crate) clamped: bool,
 }
 
 /// The lifetime of a token given `expires_in` seconds (`None` when absent): the rules' default
 /// when absent, otherwise the number clamped to [`MIN_LIFETIME`, `max_lifetime`]. A value that is
 /// not a number (NaN) also gets the default, marked clamped. Never panics, for any input.
-pub fn lifetime(expires_in: Option<f64>, rules: &TokenRules) -> Lifetime {
+pub(crate) fn lifetime(expires_in: Option<f64>, rules: &TokenRules) -> Lifetime {
     let max = rules.max_lifetime.max(MIN_LIFETIME);
     let bounded = |d: Duration| d.clamp(MIN_LIFETIME, max);
     match expires_in {

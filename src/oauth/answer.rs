@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// A token answer. `Debug` is safe: `oauth2`'s token types print redacted.
 #[derive(Debug, Deserialize, Serialize)]
-pub struct TokenAnswer {
+pub(crate) struct TokenAnswer {
     access_token: AccessToken,
     #[serde(deserialize_with = "oauth2::helpers::deserialize_untagged_enum_case_insensitive")]
     token_type: BasicTokenType,
@@ -30,7 +30,7 @@ pub struct TokenAnswer {
 
 impl TokenAnswer {
     /// `expires_in` as the provider sent it: `None` when absent or null, NaN when not a number.
-    pub fn expires_in_secs(&self) -> Option<f64> {
+    pub(crate) fn expires_in_secs(&self) -> Option<f64> {
         self.expires_in
     }
 }

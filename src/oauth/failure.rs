@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// The grant is gone (RFC `invalid_grant`, Qlik's 401 for a used or revoked refresh token,
     /// 403 for a disabled user or too many tokens): reconnecting is the only way back.
     Permanent,
@@ -28,7 +28,7 @@ pub enum FailureKind {
 }
 
 /// Classifies a token endpoint failure. `status` is `None` when no HTTP answer came at all.
-pub fn classify(status: Option<u16>, error: Option<&str>, retry_after: Option<Duration>) -> FailureKind {
+pub(crate) fn classify(status: Option<u16>, error: Option<&str>, retry_after: Option<Duration>) -> FailureKind {
     match (status, error) {
         (None, _) => FailureKind::Transient { retry_after: None },
         // Before the error codes: a redirect that also carries `invalid_grant` is still a
@@ -58,7 +58,7 @@ pub fn classify(status: Option<u16>, error: Option<&str>, retry_after: Option<Du
 /// `Duration::MAX`, for the caller to clamp), or an HTTP date (RFC 9110's IMF-fixdate, which
 /// chrono's RFC 2822 parser reads; a date in the past is no wait). Anything else is absent, and
 /// the caller's own backoff applies.
-pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         return Some(value.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));

@@ -8,7 +8,7 @@
 
 pub mod accept;
 mod answer;
-pub mod failure;
+pub(crate) mod failure;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +23,7 @@ use oauth2::{
 
 pub use accept::{TokenRules, UnusableToken};
 use answer::TokenAnswer;
-pub use failure::FailureKind;
+pub(crate) use failure::FailureKind;
 
 use crate::config::{ClientAuth, ConfigError, ProviderSettings};
 use crate::provider::Provider;
@@ -46,20 +46,20 @@ type Client = oauth2::Client<
 
 #[derive(Debug, thiserror::Error)]
 #[error("{provider} token endpoint: {detail}")]
-pub struct OAuthError {
-    pub provider: Provider,
-    pub kind: FailureKind,
+pub(crate) struct OAuthError {
+    pub(crate) provider: Provider,
+    pub(crate) kind: FailureKind,
     /// For logs: the status and the RFC error code, never a token or the response body.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// An authorization URL and the PKCE verifier to keep until the callback.
-pub struct AuthorizeRequest {
-    pub url: String,
-    pub pkce_verifier: Secret<String>,
+pub(crate) struct AuthorizeRequest {
+    pub(crate) url: String,
+    pub(crate) pkce_verifier: Secret<String>,
 }
 
-pub struct OAuthClient {
+pub(crate) struct OAuthClient {
     provider: Provider,
     client: Client,
     client_id: String,
@@ -82,7 +82,7 @@ struct Observed {
 impl OAuthClient {
     /// `http` must not follow redirects: a 3xx answer is then a failure ([`FailureKind::Misconfigured`])
     /// and the client secret, PKCE verifier and refresh token reach only the configured endpoints.
-    pub fn new(
+    pub(crate) fn new(
         provider: Provider,
         settings: &ProviderSettings,
         rules: TokenRules,
@@ -117,12 +117,12 @@ impl OAuthClient {
         })
     }
 
-    pub fn provider(&self) -> Provider {
+    pub(crate) fn provider(&self) -> Provider {
         self.provider
     }
 
     /// The URL to send the user's browser to, carrying `state` and a fresh PKCE S256 challenge.
-    pub fn authorize_url(&self, state: &str) -> AuthorizeRequest {
+    pub(crate) fn authorize_url(&self, state: &str) -> AuthorizeRequest {
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let state = state.to_owned();
         let (url, _) = self
@@ -135,7 +135,7 @@ impl OAuthClient {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %self.provider))]
-    pub async fn exchange_code(
+    pub(crate) async fn exchange_code(
         &self,
         code: &str,
         verifier: &Secret<String>,
@@ -159,7 +159,7 @@ impl OAuthClient {
 
     /// Exchanges a refresh token. A response without a new refresh token keeps the old one.
     #[tracing::instrument(skip_all, fields(provider = %self.provider))]
-    pub async fn refresh(&self, refresh_token: &Secret<String>, now: DateTime<Utc>) -> Result<NewTokens, OAuthError> {
+    pub(crate) async fn refresh(&self, refresh_token: &Secret<String>, now: DateTime<Utc>) -> Result<NewTokens, OAuthError> {
         let observed = Arc::new(Mutex::new(Observed::default()));
         let response = self
             .client
@@ -177,7 +177,7 @@ impl OAuthClient {
     /// HTTPS: right for production (where the provider's endpoint is HTTPS anyway, and config
     /// validation insists on it off loopback) but it would rule out the loopback test server.
     #[tracing::instrument(skip_all, fields(provider = %self.provider))]
-    pub async fn revoke(&self, refresh_token: &Secret<String>) -> Result<(), OAuthError> {
+    pub(crate) async fn revoke(&self, refresh_token: &Secret<String>) -> Result<(), OAuthError> {
         let mut form = vec![("token", refresh_token.expose().as_str()), ("token_type_hint", "refresh_token")];
         let mut request = self.http.post(&self.revoke_url).timeout(self.timeout);
         match self.client_auth {

@@ -111,7 +111,7 @@ impl Broker {
     /// Subscribes to the messages of `exchange` with these routing keys, through a private queue
     /// of this process. Deliveries need no ack (they are advisory), and none published while no
     /// link is up reach this process: [`Broker::watch`] reports such gaps.
-    pub async fn subscribe(&self, exchange: &str, routing_keys: &[&str]) -> Result<Consumer, QueueError> {
+    pub(crate) async fn subscribe(&self, exchange: &str, routing_keys: &[&str]) -> Result<Consumer, QueueError> {
         let source = Source::Subscription {
             exchange: exchange.to_owned(),
             routing_keys: routing_keys.iter().map(|k| (*k).to_owned()).collect(),
@@ -157,13 +157,13 @@ impl Broker {
         })
     }
 
-    pub fn publisher(&self) -> Publisher {
+    pub(crate) fn publisher(&self) -> Publisher {
         Publisher::new(self.shared.clone())
     }
 
     /// The next delivery of `consumer`. When it is lost (channel or connection gone), it
     /// waits for the next link and consumes the same queue again. `None` once `shutdown` fires.
-    pub async fn next(&self, consumer: &mut Consumer, shutdown: &CancellationToken) -> Option<Delivery> {
+    pub(crate) async fn next(&self, consumer: &mut Consumer, shutdown: &CancellationToken) -> Option<Delivery> {
         loop {
             if let Watched::Delivery(delivery) = self.watch(consumer, shutdown).await? {
                 return Some(delivery);
@@ -173,7 +173,7 @@ impl Broker {
 
     /// Like [`Broker::next`], but also says when the consumer was lost and when it consumes
     /// again, for consumers that must know what they may have missed (a subscription).
-    pub async fn watch(&self, consumer: &mut Consumer, shutdown: &CancellationToken) -> Option<Watched> {
+    pub(crate) async fn watch(&self, consumer: &mut Consumer, shutdown: &CancellationToken) -> Option<Watched> {
         if consumer.lost {
             *consumer = self.resume(consumer, shutdown).await?;
             tracing::info!(queue = %consumer.queue, "consuming again");
@@ -221,7 +221,7 @@ impl Broker {
 
     /// Keeps the link up until `shutdown`: reconnects, with backoff, whenever it drops, and
     /// calls `reconnected` each time a new link is up (for the metrics).
-    pub async fn supervise(&self, shutdown: CancellationToken, reconnected: impl Fn()) {
+    pub(crate) async fn supervise(&self, shutdown: CancellationToken, reconnected: impl Fn()) {
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         loop {
             tokio::select! {
@@ -263,7 +263,7 @@ impl Broker {
     }
 
     /// Whether the current link is up (and so its topology declared), for readiness.
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.shared.link().is_up()
     }
 

@@ -15,8 +15,8 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 
 pub use broker::{Broker, Watched};
-pub use publisher::{Published, Publisher, REASON_HEADER};
-pub use topology::Topology;
+pub(crate) use publisher::{Published, Publisher};
+pub(crate) use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -71,7 +71,7 @@ impl Consumer {
     }
 
     /// Stops new deliveries. Deliveries already handed out can still be acked on this channel.
-    pub async fn cancel(&self) -> Result<(), QueueError> {
+    pub(crate) async fn cancel(&self) -> Result<(), QueueError> {
         self.channel.basic_cancel(self.consumer.tag(), BasicCancelOptions::default()).await?;
         Ok(())
     }
@@ -79,11 +79,11 @@ impl Consumer {
 
 /// One message as a consumer sees it: no AMQP type, headers read through typed accessors.
 pub struct Delivery {
-    pub body: Vec<u8>,
-    pub reply_to: Option<String>,
-    pub correlation_id: Option<String>,
-    pub message_id: Option<String>,
-    pub redelivered: bool,
+    pub(crate) body: Vec<u8>,
+    pub(crate) reply_to: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) message_id: Option<String>,
+    pub(crate) redelivered: bool,
     /// How many earlier deliveries of this message ended without an ack (the quorum queue's
     /// `x-delivery-count`; a classic queue keeps none).
     pub failed_deliveries: u32,
@@ -109,13 +109,13 @@ impl From<lapin::message::Delivery> for Delivery {
 
 impl Delivery {
     /// Done with: the broker forgets the message.
-    pub async fn ack(&self) -> Result<(), QueueError> {
+    pub(crate) async fn ack(&self) -> Result<(), QueueError> {
         self.inner.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
 
     /// Not done: the broker delivers it again (counted against the queue's delivery limit).
-    pub async fn requeue(&self) -> Result<(), QueueError> {
+    pub(crate) async fn requeue(&self) -> Result<(), QueueError> {
         self.inner.reject(BasicRejectOptions { requeue: true }).await?;
         Ok(())
     }
@@ -140,17 +140,17 @@ impl Delivery {
     }
 
     /// A counter header (see [`Header::Count`]), 0 when absent or not a count.
-    pub fn count_header(&self, name: &str) -> u32 {
+    pub(crate) fn count_header(&self, name: &str) -> u32 {
         integer_header(&self.inner.properties, name).and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
     }
 
     /// An integer header, `None` when absent or not an integer.
-    pub fn integer_header(&self, name: &str) -> Option<i64> {
+    pub(crate) fn integer_header(&self, name: &str) -> Option<i64> {
         integer_header(&self.inner.properties, name)
     }
 
     /// A text header, `None` when absent or not text.
-    pub fn text_header(&self, name: &str) -> Option<String> {
+    pub(crate) fn text_header(&self, name: &str) -> Option<String> {
         text_header(&self.inner.properties, name)
     }
 
@@ -162,7 +162,7 @@ impl Delivery {
 /// A header value a consumer sets on a copy it republishes ([`Publisher::republish`]); what the
 /// headers mean is the consumer's business, so no AMQP type leaves this module.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Header {
+pub(crate) enum Header {
     /// A counter: read back with [`Delivery::count_header`].
     Count(u32),
     /// Read back with [`Delivery::integer_header`].

@@ -19,7 +19,7 @@ use super::{Delivery, Header, QueueError};
 const RESEND_WINDOW: Duration = Duration::from_secs(30);
 
 /// Header naming why the worker dead-lettered a message.
-pub const REASON_HEADER: &str = "x-mcp-worker-reason";
+pub(crate) const REASON_HEADER: &str = "x-mcp-worker-reason";
 
 /// Reply-to names of RabbitMQ's direct reply-to feature start with this.
 const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
@@ -29,7 +29,7 @@ const PERSISTENT: u8 = 2;
 
 /// What the broker did with a confirmed publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
+pub(crate) enum Published {
     /// Routed to a queue and confirmed.
     Delivered,
     /// Confirmed, but no queue has that name (the requester's reply queue is gone).
@@ -44,7 +44,7 @@ enum Resend {
 }
 
 #[derive(Clone)]
-pub struct Publisher {
+pub(crate) struct Publisher {
     shared: Arc<Shared>,
 }
 
@@ -55,7 +55,7 @@ impl Publisher {
 
     /// Publishes a reply to `queue` through the default exchange and waits for the confirm.
     #[tracing::instrument(skip_all)]
-    pub async fn reply(&self, queue: &str, correlation_id: Option<&str>, body: &[u8]) -> Result<Published, QueueError> {
+    pub(crate) async fn reply(&self, queue: &str, correlation_id: Option<&str>, body: &[u8]) -> Result<Published, QueueError> {
         let mut properties =
             BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
         if let Some(correlation_id) = correlation_id {
@@ -67,7 +67,7 @@ impl Publisher {
     /// Publishes a copy of `delivery` to `queue` with the reason in [`REASON_HEADER`], and waits
     /// for the confirm. The original keeps its properties so it can be inspected or replayed.
     #[tracing::instrument(skip_all)]
-    pub async fn dead_letter(&self, queue: &str, delivery: &Delivery, reason: &str) -> Result<Published, QueueError> {
+    pub(crate) async fn dead_letter(&self, queue: &str, delivery: &Delivery, reason: &str) -> Result<Published, QueueError> {
         let original = delivery.properties();
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
@@ -79,7 +79,7 @@ impl Publisher {
     /// value sets a header, `None` removes it), and waits for the confirm. This is how a job goes
     /// to a delay queue with what it carries back, and how a failed request is put back counted.
     #[tracing::instrument(skip_all)]
-    pub async fn republish(
+    pub(crate) async fn republish(
         &self,
         queue: &str,
         delivery: &Delivery,
@@ -101,7 +101,7 @@ impl Publisher {
 
     /// Publishes a persistent JSON message to `queue` and waits for the confirm.
     #[tracing::instrument(skip_all)]
-    pub async fn send(&self, queue: &str, body: &[u8]) -> Result<Published, QueueError> {
+    pub(crate) async fn send(&self, queue: &str, body: &[u8]) -> Result<Published, QueueError> {
         let properties =
             BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
         self.publish(queue, body, properties, Resend::No).await
@@ -110,7 +110,7 @@ impl Publisher {
     /// Publishes a persistent JSON event to a topic exchange and waits for the confirm. An event
     /// nobody subscribed to is dropped by the broker, which is fine for events.
     #[tracing::instrument(skip_all)]
-    pub async fn event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), QueueError> {
+    pub(crate) async fn event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), QueueError> {
         let properties =
             BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
         let channel = self.shared.link().publisher;

@@ -16,9 +16,9 @@ use super::QueueError;
 pub struct Topology {
     pub jobs_queue: String,
     pub dead_letter_queue: String,
-    pub delivery_limit: u32,
+    pub(crate) delivery_limit: u32,
     pub delay_queue: String,
-    pub delay_ms: u64,
+    pub(crate) delay_ms: u64,
     /// Queues a job waits in before a retry, with their delays in milliseconds.
     pub retry_queues: Vec<(String, u64)>,
     pub refresh_queue: String,

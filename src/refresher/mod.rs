@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-pub use policy::{backlog, is_due, retry_at};
+use policy::{backlog, is_due, retry_at};
 use rate::RateLimiter;
 pub use requests::{FAILURES_HEADER, RequestLimits, serve_requests};
 
@@ -39,22 +39,22 @@ use crate::queue::{Broker, Consumer};
 use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
 
 #[derive(Debug, Clone)]
-pub struct RefresherConfig {
-    pub interval: Duration,
-    pub lead: Duration,
-    pub lease: Duration,
-    pub concurrency: usize,
-    pub batch: i64,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
-    pub rate_per_minute: u32,
+pub(crate) struct RefresherConfig {
+    pub(crate) interval: Duration,
+    pub(crate) lead: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) concurrency: usize,
+    pub(crate) batch: i64,
+    pub(crate) retry_initial: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) rate_per_minute: u32,
     /// Where worker requests come from, and how often one may fail before it is dead-lettered.
-    pub requests: RequestLimits,
+    pub(crate) requests: RequestLimits,
 }
 
 /// How one refresh attempt ended, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshOutcome {
+pub(crate) enum RefreshOutcome {
     Refreshed,
     /// Another replica holds it, or it changed since the scan.
     NotClaimed,
@@ -68,7 +68,7 @@ pub enum RefreshOutcome {
 
 impl RefreshOutcome {
     /// The outcome's label in the metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RefreshOutcome::Refreshed => "refreshed",
             RefreshOutcome::NotClaimed => "not_claimed",
@@ -79,7 +79,7 @@ impl RefreshOutcome {
     }
 }
 
-pub struct Refresher {
+pub(crate) struct Refresher {
     tokens: TokenStore,
     oauth: Arc<OAuthClient>,
     events: Events,
@@ -91,7 +91,7 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(
+    pub(crate) fn new(
         tokens: TokenStore,
         oauth: Arc<OAuthClient>,
         events: Events,
@@ -112,7 +112,7 @@ impl Refresher {
 
     /// Scans on a schedule and serves refresh requests until `shutdown`; refreshes in flight
     /// finish first (each is bounded by the provider request timeout).
-    pub async fn run(
+    pub(crate) async fn run(
         self: Arc<Self>,
         broker: Broker,
         requests: Consumer,
@@ -161,7 +161,7 @@ impl Refresher {
 
     /// Refreshes every token due at `now`; returns how many were attempted. Counts the backlog
     /// first, for the metrics.
-    pub async fn scan(self: &Arc<Self>, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub(crate) async fn scan(self: &Arc<Self>, now: DateTime<Utc>) -> Result<usize, StoreError> {
         let until = crate::dates::after(now, self.config.lead);
         match self.tokens.backlog(now, until).await {
             Ok(counts) => self.metrics.backlog(backlog(now, self.config.lead, counts)),
@@ -194,7 +194,7 @@ impl Refresher {
 
     /// Refreshes one user's token now if it expires before `needed_until`, is due anyway, or was
     /// `refused` by an MCP server.
-    pub async fn refresh_user(
+    pub(crate) async fn refresh_user(
         &self,
         user_id: &str,
         needed_until: DateTime<Utc>,
@@ -206,14 +206,14 @@ impl Refresher {
         if token.status != TokenStatus::Active || !needed {
             return Ok(None);
         }
-        let due = DueToken { user_id: token.user_id, expires_at: token.expires_at, version: token.version };
+        let due = DueToken { user_id: token.user_id, version: token.version };
         let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
         Ok(Some(self.refresh(&due).await))
     }
 
     /// One claim → refresh → fenced write.
     #[tracing::instrument(skip_all)]
-    pub async fn refresh(&self, due: &DueToken) -> RefreshOutcome {
+    pub(crate) async fn refresh(&self, due: &DueToken) -> RefreshOutcome {
         let outcome = match self.try_refresh(due).await {
             Ok(outcome) => outcome,
             Err(e) => {

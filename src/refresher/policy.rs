@@ -8,7 +8,7 @@ use crate::metrics::Backlog;
 use crate::store::DueCounts;
 
 /// A token is due for refresh when it expires within `lead` of `now` (already expired included).
-pub fn is_due(now: DateTime<Utc>, expires_at: DateTime<Utc>, lead: Duration) -> bool {
+pub(crate) fn is_due(now: DateTime<Utc>, expires_at: DateTime<Utc>, lead: Duration) -> bool {
     expires_at <= crate::dates::after(now, lead)
 }
 
@@ -17,7 +17,7 @@ pub fn is_due(now: DateTime<Utc>, expires_at: DateTime<Utc>, lead: Duration) -> 
 /// by `jitter` in [0, 1) over the upper half of the delay so replicas do not retry in step.
 /// `Retry-After` is honoured only up to `max` too: a provider (or whatever answers in its place)
 /// must not be able to park a token until it expires, or forever.
-pub fn retry_at(
+pub(crate) fn retry_at(
     now: DateTime<Utc>,
     failures: u32,
     initial: Duration,
@@ -36,7 +36,7 @@ pub fn retry_at(
 /// The backlog the metrics show, from the counts a scan took at `now`: the lag is how long the
 /// earliest due token has been due (its expiry less `lead`), which a healthy refresher keeps
 /// below about one scan interval.
-pub fn backlog(now: DateTime<Utc>, lead: Duration, counts: DueCounts) -> Backlog {
+pub(crate) fn backlog(now: DateTime<Utc>, lead: Duration, counts: DueCounts) -> Backlog {
     let lag = counts
         .earliest
         .map_or(Duration::ZERO, |earliest| crate::dates::until(crate::dates::before(earliest, lead), now));

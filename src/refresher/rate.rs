@@ -6,18 +6,18 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     interval: Duration,
     next: Mutex<Option<Instant>>,
 }
 
 impl RateLimiter {
-    pub fn per_minute(limit: u32) -> Self {
+    pub(crate) fn per_minute(limit: u32) -> Self {
         Self { interval: Duration::from_secs(60) / limit.max(1), next: Mutex::new(None) }
     }
 
     /// Waits for this caller's slot.
-    pub async fn acquire(&self) {
+    pub(crate) async fn acquire(&self) {
         let slot = {
             let mut next = self.next.lock().await;
             let now = Instant::now();

@@ -9,7 +9,7 @@
 //! of a consumer that never settled it (a crash, a lost link): it counts as a failure too, and is
 //! put back counted before it is run again, so even a crash that unwinds nothing is counted.
 //! At `amqp.delivery_limit` failures the request goes to the dead-letter queue with its reason
-//! in [`crate::queue::REASON_HEADER`]. Requests are advisory (the scan covers a lost one), so a
+//! in the `x-mcp-worker-reason` header. Requests are advisory (the scan covers a lost one), so a
 //! dead-lettered request costs the user nothing but the early refresh.
 
 use std::future::Future;

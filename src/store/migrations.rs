@@ -25,10 +25,10 @@ const MIGRATIONS_COLLECTION: &str = "_migrations";
 #[derive(Debug, Clone)]
 pub struct Migration {
     /// The file name without `.json`, e.g. `0001_qlik_tokens_indexes`.
-    pub id: String,
+    pub(crate) id: String,
     /// Hex SHA-256 of the file's bytes.
     pub checksum: String,
-    pub description: String,
+    pub(crate) description: String,
     commands: Vec<Document>,
 }
 

@@ -17,8 +17,8 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
-pub use results::{Claim, ResultStore};
-pub use states::{PendingConnect, StateStore};
+pub(crate) use results::{Claim, ResultStore};
+pub(crate) use states::{PendingConnect, StateStore};
 pub use tokens::{ClaimedToken, DueCounts, DueToken, NewTokens, StoredToken, TokenStatus, TokenStore};
 
 use crate::config::MongoSettings;
@@ -112,11 +112,11 @@ impl Store {
         TokenStore::new(&self.db, provider, cipher.clone())
     }
 
-    pub fn results(&self) -> ResultStore {
+    pub(crate) fn results(&self) -> ResultStore {
         self.results.clone()
     }
 
-    pub fn states(&self, cipher: &Arc<TokenCipher>) -> StateStore {
+    pub(crate) fn states(&self, cipher: &Arc<TokenCipher>) -> StateStore {
         StateStore::new(&self.db, cipher.clone())
     }
 

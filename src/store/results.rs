@@ -31,7 +31,7 @@ const REPLIES: &str = "job_replies";
 
 /// What a delivery may do with its job.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// This consumer holds the job: run it.
     Run,
     /// The job already ran; this is its reply, to publish again.
@@ -44,7 +44,7 @@ pub enum Claim {
 }
 
 #[derive(Clone)]
-pub struct ResultStore {
+pub(crate) struct ResultStore {
     db: Database,
     claims: Batcher<Document, Inserted>,
     replies: Batcher<Document, Inserted>,
@@ -77,7 +77,7 @@ impl ResultStore {
     /// the job's fingerprint: a claim or reply of the same id for another call is a conflict.
     #[allow(clippy::too_many_arguments)]
     #[tracing::instrument(skip_all)]
-    pub async fn claim(
+    pub(crate) async fn claim(
         &self,
         job_id: &str,
         call: &str,
@@ -133,7 +133,7 @@ impl ResultStore {
     /// Records the job's reply for `call`. From now on the job is done; the first reply
     /// recorded stays.
     #[tracing::instrument(skip_all)]
-    pub async fn complete(
+    pub(crate) async fn complete(
         &self,
         job_id: &str,
         call: &str,

@@ -23,16 +23,16 @@ const COLLECTION: &str = "oauth_states";
 
 /// A connect flow waiting for its callback.
 #[derive(Debug, Clone)]
-pub struct PendingConnect {
-    pub provider: Provider,
-    pub user_id: String,
-    pub pkce_verifier: Secret<String>,
-    pub return_to: Option<String>,
-    pub expires_at: DateTime<Utc>,
+pub(crate) struct PendingConnect {
+    pub(crate) provider: Provider,
+    pub(crate) user_id: String,
+    pub(crate) pkce_verifier: Secret<String>,
+    pub(crate) return_to: Option<String>,
+    pub(crate) expires_at: DateTime<Utc>,
 }
 
 #[derive(Clone)]
-pub struct StateStore {
+pub(crate) struct StateStore {
     collection: Collection<Document>,
     cipher: Arc<TokenCipher>,
 }
@@ -47,7 +47,7 @@ impl StateStore {
     }
 
     #[tracing::instrument(skip_all)]
-    pub async fn save(&self, state: &str, pending: &PendingConnect, now: DateTime<Utc>) -> Result<(), StoreError> {
+    pub(crate) async fn save(&self, state: &str, pending: &PendingConnect, now: DateTime<Utc>) -> Result<(), StoreError> {
         let key = key(state);
         let verifier = self.cipher.seal(&pending.pkce_verifier, &format!("{COLLECTION}/{key}/pkce_verifier"));
         self.collection
@@ -67,7 +67,7 @@ impl StateStore {
     /// Removes and returns the flow for `state` if it exists, is for `provider` and has not
     /// expired. A second call with the same state finds nothing.
     #[tracing::instrument(skip_all)]
-    pub async fn take(
+    pub(crate) async fn take(
         &self,
         state: &str,
         provider: Provider,

@@ -27,7 +27,7 @@ pub enum TokenStatus {
 }
 
 impl TokenStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TokenStatus::Active => "active",
             TokenStatus::ReauthRequired => "reauth_required",
@@ -38,14 +38,14 @@ impl TokenStatus {
 /// A user's tokens as stored, decrypted.
 #[derive(Debug, Clone)]
 pub struct StoredToken {
-    pub user_id: String,
+    pub(crate) user_id: String,
     pub access_token: Secret<String>,
     pub refresh_token: Secret<String>,
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub status: TokenStatus,
-    pub version: i64,
+    pub(crate) version: i64,
 }
 
 /// Tokens to store for a user, as an OAuth token response yields them.
@@ -59,9 +59,8 @@ pub struct NewTokens {
 /// A token the refresher may renew.
 #[derive(Debug, Clone)]
 pub struct DueToken {
-    pub user_id: String,
-    pub expires_at: DateTime<Utc>,
-    pub version: i64,
+    pub(crate) user_id: String,
+    pub(crate) version: i64,
 }
 
 /// Active tokens due for refresh, counted (see [`TokenStore::backlog`]).
@@ -80,11 +79,11 @@ pub struct DueCounts {
 /// stored refresh token, which is plain text when encryption is off.
 #[derive(Clone)]
 pub struct ClaimedToken {
-    pub user_id: String,
-    pub refresh_token: Secret<String>,
-    pub expires_at: DateTime<Utc>,
+    pub(crate) user_id: String,
+    pub(crate) refresh_token: Secret<String>,
+    pub(crate) expires_at: DateTime<Utc>,
     /// Transient failures in a row before this claim, for the backoff.
-    pub failures: u32,
+    pub(crate) failures: u32,
     version: i64,
     sealed_refresh_token: String,
     owner: String,
@@ -245,15 +244,14 @@ impl TokenStore {
             .find(filter)
             .sort(doc! { "expires_at": 1 })
             .limit(limit)
-            .projection(doc! { "user_id": 1, "expires_at": 1, "version": 1 })
+            .projection(doc! { "user_id": 1, "version": 1 })
             .await?;
         let mut due = Vec::new();
         while cursor.advance().await? {
             let d = cursor.current();
-            let (Ok(user_id), Ok(expires_at)) = (d.get_str("user_id"), d.get_datetime("expires_at")) else { continue };
+            let Ok(user_id) = d.get_str("user_id") else { continue };
             due.push(DueToken {
                 user_id: user_id.to_owned(),
-                expires_at: chrono_date(expires_at),
                 version: d.get_i64("version").unwrap_or(0),
             });
         }
@@ -286,7 +284,7 @@ impl TokenStore {
     /// Takes the lease on a due token if it is still at `version`, active and unleased. `None`
     /// when another replica got there first or the token changed since the scan.
     #[tracing::instrument(skip_all)]
-    pub async fn claim(
+    pub(crate) async fn claim(
         &self,
         due: &DueToken,
         owner: &str,
@@ -330,7 +328,7 @@ impl TokenStore {
     /// Stores refreshed tokens if the lease still holds. `false` means the document moved on
     /// (reconnected, deleted, or taken over after the lease ran out) and nothing was written.
     #[tracing::instrument(skip_all)]
-    pub async fn complete_refresh(
+    pub(crate) async fn complete_refresh(
         &self,
         claimed: &ClaimedToken,
         tokens: &NewTokens,
@@ -352,7 +350,7 @@ impl TokenStore {
 
     /// Marks the token as needing a new connect flow, if the lease still holds.
     #[tracing::instrument(skip_all)]
-    pub async fn mark_reauth_required(&self, claimed: &ClaimedToken, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub(crate) async fn mark_reauth_required(&self, claimed: &ClaimedToken, now: DateTime<Utc>) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
             "$inc": { "version": 1_i64 },
@@ -364,7 +362,7 @@ impl TokenStore {
     /// Marks the user's token `reauth_required` because an MCP server refused it, if the stored
     /// token is still at `version` (not renewed or replaced since). `false` when it moved on.
     #[tracing::instrument(skip_all)]
-    pub async fn mark_refused(&self, user_id: &str, version: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub(crate) async fn mark_refused(&self, user_id: &str, version: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
             "$inc": { "version": 1_i64 },
@@ -376,23 +374,12 @@ impl TokenStore {
     /// Gives the lease back after a transient failure, keeping others off the token until
     /// `retry_at` (the lease doubles as the backoff, shared by all replicas).
     #[tracing::instrument(skip_all)]
-    pub async fn release(&self, claimed: &ClaimedToken, retry_at: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub(crate) async fn release(&self, claimed: &ClaimedToken, retry_at: DateTime<Utc>) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": { "lease_until": bson_date(retry_at) },
             "$inc": { "version": 1_i64, "refresh_failures": 1_i32 },
         };
         Ok(self.raw.update_one(Self::fenced(claimed), update).await?.modified_count == 1)
-    }
-
-    /// Asks for an early refresh: makes the token due now, unless a replica holds its lease.
-    #[tracing::instrument(skip_all)]
-    pub async fn request_refresh(&self, user_id: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let filter = doc! {
-            "user_id": user_id,
-            "lease_until": { "$not": { "$gt": bson_date(now) } },
-        };
-        self.raw.update_one(filter, doc! { "$unset": { "lease_until": "" } }).await?;
-        Ok(())
     }
 
     /// Re-seals every value not sealed with the active key. Each document is rewritten only if it

@@ -34,34 +34,34 @@ pub(super) enum Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TokenFacts {
     /// The stored document's version: it changes with every renewal.
-    pub version: i64,
-    pub expires_at: DateTime<Utc>,
-    pub reauth_required: bool,
+    pub(crate) version: i64,
+    pub(crate) expires_at: DateTime<Utc>,
+    pub(crate) reauth_required: bool,
     /// The token can be put in the server's credential header (a value stored by older code may
     /// hold characters no header can carry).
-    pub sendable: bool,
+    pub(crate) sendable: bool,
 }
 
 /// How the tool call went, and the budget it had.
 #[derive(Debug)]
 pub(super) struct CallFacts {
-    pub outcome: Result<Value, McpCallError>,
-    pub budget: CallBudget,
+    pub(crate) outcome: Result<Value, McpCallError>,
+    pub(crate) budget: CallBudget,
 }
 
 /// What the shell has observed of one valid job so far.
 #[derive(Debug)]
 pub(super) struct Facts {
-    pub envelope: Envelope,
-    pub route: Route,
+    pub(crate) envelope: Envelope,
+    pub(crate) route: Route,
     /// The job's fingerprint ([`Job::fingerprint`]): its `job_id` is claimed for this call only.
-    pub call: String,
+    pub(crate) call: String,
     /// The claim this delivery holds or asks for.
-    pub owner: String,
-    pub claim: Option<Result<Claim, StoreError>>,
+    pub(crate) owner: String,
+    pub(crate) claim: Option<Result<Claim, StoreError>>,
     /// `Ok(None)`: the user has no stored token.
-    pub token: Option<Result<Option<TokenFacts>, StoreError>>,
-    pub call_result: Option<CallFacts>,
+    pub(crate) token: Option<Result<Option<TokenFacts>, StoreError>>,
+    pub(crate) call_result: Option<CallFacts>,
 }
 
 /// The next thing to do with a delivery.
@@ -118,34 +118,34 @@ pub(super) enum Disposition {
 /// The stored token an MCP server refused, to be marked `reauth_required` if unchanged since.
 #[derive(Debug, Clone)]
 pub(super) struct RefusedToken {
-    pub provider: Provider,
-    pub user_id: String,
-    pub version: i64,
+    pub(crate) provider: Provider,
+    pub(crate) user_id: String,
+    pub(crate) version: i64,
 }
 
 /// Which job and call a reply is recorded for.
 #[derive(Debug, Clone)]
 pub(super) struct Record {
-    pub job_id: String,
-    pub call: String,
+    pub(crate) job_id: String,
+    pub(crate) call: String,
     /// When the recorded reply may be forgotten (`worker.results_ttl_secs` from now).
-    pub expires_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone)]
 pub(super) struct ReplyTarget {
-    pub queue: String,
-    pub correlation_id: Option<String>,
+    pub(crate) queue: String,
+    pub(crate) correlation_id: Option<String>,
 }
 
 /// A job is waiting for this user's token to be valid until `until`.
 #[derive(Debug, Clone)]
 pub(super) struct RefreshNeeded {
-    pub provider: Provider,
-    pub user_id: String,
-    pub until: DateTime<Utc>,
+    pub(crate) provider: Provider,
+    pub(crate) user_id: String,
+    pub(crate) until: DateTime<Utc>,
     /// The MCP server refused the current token: renew it whatever its expiry.
-    pub refused: bool,
+    pub(crate) refused: bool,
 }
 
 impl Disposition {

@@ -22,22 +22,22 @@ pub(crate) const REFUSED_VERSION_HEADER: &str = "x-mcp-refused-version";
 /// What a delivery says about itself: its AMQP properties and the worker's counters.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Envelope {
-    pub reply_to: Option<String>,
-    pub correlation_id: Option<String>,
-    pub message_id: Option<String>,
+    pub(crate) reply_to: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) message_id: Option<String>,
     /// Earlier deliveries of this message that ended without an ack.
-    pub failed_deliveries: u32,
+    pub(crate) failed_deliveries: u32,
     /// Times the job already waited for its user's token.
-    pub deferrals: u32,
+    pub(crate) deferrals: u32,
     /// Times the job was already retried after its MCP server was unavailable.
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Times the job already waited for an unreachable database.
-    pub waits: u32,
+    pub(crate) waits: u32,
     /// The claim this delivery took back from a delay queue, if it held one.
-    pub claim: Option<String>,
+    pub(crate) claim: Option<String>,
     /// The version of the user's token that the MCP server refused (HTTP 401) on an earlier
     /// delivery, which then waited for the refresher to renew it.
-    pub refused_version: Option<i64>,
+    pub(crate) refused_version: Option<i64>,
 }
 
 impl Envelope {
@@ -60,13 +60,13 @@ impl Envelope {
 /// What a job sent to a delay queue carries back to the jobs queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Carry {
-    pub deferrals: u32,
-    pub retries: u32,
-    pub waits: u32,
+    pub(crate) deferrals: u32,
+    pub(crate) retries: u32,
+    pub(crate) waits: u32,
     /// The owner of the job's claim, if this delivery held one.
-    pub claim: Option<String>,
+    pub(crate) claim: Option<String>,
     /// The version of the user's token an MCP server refused, if one did.
-    pub refused_version: Option<i64>,
+    pub(crate) refused_version: Option<i64>,
 }
 
 impl Carry {

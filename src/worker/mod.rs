@@ -10,7 +10,7 @@ mod decision;
 mod envelope;
 mod execute;
 mod once;
-pub mod policy;
+pub(crate) mod policy;
 mod token_cache;
 mod token_events;
 
@@ -37,36 +37,36 @@ use token_cache::TokenCache;
 
 /// The settings the job path reads, resolved once at start.
 #[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    pub concurrency: usize,
-    pub job_limits: crate::job::Limits,
-    pub call_timeout: Duration,
-    pub dead_letter_queue: String,
+pub(crate) struct WorkerConfig {
+    pub(crate) concurrency: usize,
+    pub(crate) job_limits: crate::job::Limits,
+    pub(crate) call_timeout: Duration,
+    pub(crate) dead_letter_queue: String,
     /// Deliveries that may end without an ack before the worker dead-letters the job.
-    pub delivery_limit: u32,
+    pub(crate) delivery_limit: u32,
     /// Added to the call's budget: a token must be valid this much longer than the call may take.
-    pub clock_skew: Duration,
-    pub max_deferrals: u32,
+    pub(crate) clock_skew: Duration,
+    pub(crate) max_deferrals: u32,
     /// Times a job may wait for an unreachable database before it is answered `internal`.
-    pub max_waits: u32,
-    pub delay_queue: String,
-    pub refresh_queue: String,
+    pub(crate) max_waits: u32,
+    pub(crate) delay_queue: String,
+    pub(crate) refresh_queue: String,
     /// How long jobs in flight may take to finish after shutdown was asked for.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// This process's name, the prefix of its job claims.
-    pub owner: String,
+    pub(crate) owner: String,
     /// How long a job claim holds (longer than a call may take).
-    pub claim_lease: Duration,
+    pub(crate) claim_lease: Duration,
     /// How long a job's result is kept to recognise redeliveries.
-    pub results_ttl: Duration,
+    pub(crate) results_ttl: Duration,
     /// How long a token read from the database is reused; zero reads it for every job.
-    pub token_cache_ttl: Duration,
+    pub(crate) token_cache_ttl: Duration,
     /// For each retry in turn, the delay queues it may wait in (one is picked at random, for
     /// jitter), with their delays.
-    pub retries: Vec<Vec<(String, Duration)>>,
+    pub(crate) retries: Vec<Vec<(String, Duration)>>,
 }
 
-pub struct Worker {
+pub(crate) struct Worker {
     config: WorkerConfig,
     registry: Arc<Registry>,
     store: Store,
@@ -81,18 +81,18 @@ pub struct Worker {
 }
 
 /// What a worker reads from and writes to, besides the broker it consumes from.
-pub struct WorkerPeers {
-    pub registry: Arc<Registry>,
-    pub store: Store,
-    pub cipher: Arc<TokenCipher>,
-    pub mcp: Arc<McpClients>,
-    pub publisher: Publisher,
-    pub events: Events,
-    pub metrics: Arc<Metrics>,
+pub(crate) struct WorkerPeers {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Store,
+    pub(crate) cipher: Arc<TokenCipher>,
+    pub(crate) mcp: Arc<McpClients>,
+    pub(crate) publisher: Publisher,
+    pub(crate) events: Events,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Worker {
-    pub fn new(config: WorkerConfig, peers: WorkerPeers) -> Self {
+    pub(crate) fn new(config: WorkerConfig, peers: WorkerPeers) -> Self {
         let WorkerPeers { registry, store, cipher, mcp, publisher, events, metrics } = peers;
         let tokens = TokenCache::new(config.token_cache_ttl);
         let unreadable = OncePerUser::new(10_000);
@@ -100,7 +100,7 @@ impl Worker {
     }
 
     /// Whether the token cache is on, and so needs the token events (see [`Worker::run`]).
-    pub fn caches_tokens(&self) -> bool {
+    pub(crate) fn caches_tokens(&self) -> bool {
         self.tokens.enabled()
     }
 
@@ -109,7 +109,7 @@ impl Worker {
     /// finish, but their deliveries can no longer be acked and come back (see [`Broker::next`]).
     /// `events`, a subscription to the token events, keeps the token cache in step; without it
     /// the cache stays off.
-    pub async fn run(
+    pub(crate) async fn run(
         self: Arc<Self>,
         broker: Broker,
         mut jobs: Consumer,

@@ -10,19 +10,19 @@ use crate::mcp::McpCallError;
 
 /// How long the MCP call of a job may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CallBudget {
-    pub timeout: Duration,
+pub(crate) struct CallBudget {
+    pub(crate) timeout: Duration,
     /// The job's deadline, not the configured call timeout, set the limit: running out of time
     /// then means the deadline passed.
-    pub limited_by_deadline: bool,
+    pub(crate) limited_by_deadline: bool,
 }
 
 /// The deadline has passed; the job must not reach the MCP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeadlinePassed;
+pub(crate) struct DeadlinePassed;
 
 /// The time a call may take: the configured timeout, cut to what is left before the deadline.
-pub fn call_budget(
+pub(crate) fn call_budget(
     now: DateTime<Utc>,
     deadline: Option<DateTime<Utc>>,
     call_timeout: Duration,
@@ -43,7 +43,7 @@ pub fn call_budget(
 
 /// Whether a stored token can go on this job's call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenVerdict {
+pub(crate) enum TokenVerdict {
     Use,
     /// Expired or about to: the refresher must renew it first; the job waits.
     Refresh,
@@ -53,7 +53,7 @@ pub enum TokenVerdict {
 
 /// A token is usable when it stays valid for the whole call: at least `min_remaining` (the call's
 /// budget plus clock skew) must be left of it.
-pub fn token_verdict(
+pub(crate) fn token_verdict(
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     reauth_required: bool,
@@ -70,7 +70,7 @@ pub fn token_verdict(
 
 /// Whether a reply should instead become a retry, and after which of the `delays`: only
 /// `mcp_unavailable` is retried, at most once per delay, and never past the job's deadline.
-pub fn retry_level(
+pub(crate) fn retry_level(
     code: Option<ErrorCode>,
     retries: u32,
     delays: impl IntoIterator<Item = Duration>,
@@ -89,7 +89,7 @@ pub fn retry_level(
 }
 
 /// The reply's error code for a failed call.
-pub fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
+pub(crate) fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
     match error {
         McpCallError::Timeout { .. } if budget.limited_by_deadline => ErrorCode::DeadlineExceeded,
         McpCallError::Timeout { .. } | McpCallError::Unavailable { .. } | McpCallError::OverBudget { .. } => {

@@ -29,7 +29,7 @@ const FORGET_MARGIN: Duration = Duration::from_secs(120);
 
 type Key = (Provider, String);
 
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     ttl: Duration,
     state: Mutex<State>,
 }
@@ -47,12 +47,12 @@ struct State {
 impl TokenCache {
     /// A cache whose entries live `ttl`; zero turns it off. It starts suspended: see
     /// [`TokenCache::resume`].
-    pub fn new(ttl: Duration) -> Self {
+    pub(crate) fn new(ttl: Duration) -> Self {
         let state = State { live: false, since: None, entries: HashMap::new(), forgotten: HashMap::new() };
         Self { ttl, state: Mutex::new(state) }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.ttl.is_zero()
     }
 
@@ -61,7 +61,7 @@ impl TokenCache {
     }
 
     /// The user's cached token, if it was read less than the TTL ago and events are flowing.
-    pub fn get(&self, provider: Provider, user_id: &str, now: Instant) -> Option<StoredToken> {
+    pub(crate) fn get(&self, provider: Provider, user_id: &str, now: Instant) -> Option<StoredToken> {
         let state = self.state();
         if !state.live {
             return None;
@@ -72,7 +72,7 @@ impl TokenCache {
 
     /// Remembers a token whose database read began at `read_started`, unless an event or a gap
     /// in the events came since then.
-    pub fn put(&self, provider: Provider, token: &StoredToken, read_started: Instant) {
+    pub(crate) fn put(&self, provider: Provider, token: &StoredToken, read_started: Instant) {
         if !self.enabled() {
             return;
         }
@@ -93,7 +93,7 @@ impl TokenCache {
     }
 
     /// Drops the user's entry: an event said their tokens changed.
-    pub fn forget(&self, provider: Provider, user_id: &str, now: Instant) {
+    pub(crate) fn forget(&self, provider: Provider, user_id: &str, now: Instant) {
         let mut state = self.state();
         let key = (provider, user_id.to_owned());
         state.entries.remove(&key);
@@ -105,14 +105,14 @@ impl TokenCache {
     }
 
     /// Stops using and storing entries: events may be missed from now on.
-    pub fn suspend(&self) {
+    pub(crate) fn suspend(&self) {
         let mut state = self.state();
         state.live = false;
         state.entries.clear();
     }
 
     /// Events are received again from `now`: start empty, and cache only reads begun after.
-    pub fn resume(&self, now: Instant) {
+    pub(crate) fn resume(&self, now: Instant) {
         let mut state = self.state();
         state.live = true;
         state.since = Some(now);
