@@ -4,7 +4,7 @@
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 
-use crate::support::{SERVICE_KEY, connect_as_browser, spawn_app_with_oauth};
+use crate::support::{SERVICE_KEY, connect_as_browser, no_redirects, spawn_app_with_oauth};
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
 
@@ -38,7 +38,7 @@ async fn connecting_stores_the_tokens_encrypted_and_announces_it() {
 #[tokio::test]
 async fn a_state_works_once_and_unknown_or_denied_flows_store_nothing() {
     let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let http = no_redirects();
 
     let outcome = connect_as_browser(&fx.app, "alice", "allow").await;
     assert_eq!(outcome.status, 303);

@@ -14,7 +14,10 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::support::hostile::{HOSTILE_CLIENT_SECRET, Received, Recorder, hostile_provider, json_response};
-use crate::support::{Flavor, McpServer, SERVICE_KEY, TestApp, spawn_app_with, test_settings, wait_until, worker_env};
+use crate::support::{
+    Flavor, McpServer, TestApp, no_redirects, spawn_app_with, start_connect, test_settings, wait_until,
+    worker_env,
+};
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
 const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
@@ -22,20 +25,8 @@ const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
 /// Starts a connect flow for `user` and calls the callback as the provider would send the
 /// browser back with `code`; returns the callback's status and page.
 async fn callback_with_code(app: &TestApp, user: &str, code: &str) -> (u16, String) {
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let started: Value = http
-        .post(format!("{}/v1/connections/qlik/authorize", app.api))
-        .bearer_auth(SERVICE_KEY)
-        .json(&json!({ "user_id": user }))
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let authorize = reqwest::Url::parse(started["authorize_url"].as_str().unwrap()).unwrap();
+    let http = no_redirects();
+    let authorize = reqwest::Url::parse(&start_connect(&http, &app.api, user, None).await).unwrap();
     let state = authorize.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
     let mut callback = reqwest::Url::parse(&format!("{}/v1/connections/qlik/callback", app.api)).unwrap();
     callback.query_pairs_mut().append_pair("state", &state).append_pair("code", code);

@@ -27,7 +27,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
-pub use oauth::{OAuthFixture, connect_as_browser, connect_through, spawn_app_with_oauth, spawn_oauth};
+pub use oauth::{
+    OAuthFixture, connect_as_browser, connect_through, no_redirects, spawn_app_with_oauth, spawn_oauth, start_connect,
+};
 pub use process::{spawn_worker, terminate, worker_env};
 
 /// The encryption key of every test (base64 of 32 bytes).

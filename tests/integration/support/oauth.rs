@@ -62,8 +62,31 @@ pub struct BrowserOutcome {
     pub callback: String,
 }
 
-fn no_redirects() -> reqwest::Client {
+/// An HTTP client that follows no redirect, so a test sees each one the service answers.
+pub fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// Starts a connect flow for `user` through the API at `api` (with `return_to`, if given);
+/// returns the provider's authorize URL it answered.
+pub async fn start_connect(http: &reqwest::Client, api: &str, user: &str, return_to: Option<&str>) -> String {
+    let mut body = json!({ "user_id": user });
+    if let Some(return_to) = return_to {
+        body["return_to"] = json!(return_to);
+    }
+    let started: Value = http
+        .post(format!("{api}/v1/connections/qlik/authorize"))
+        .bearer_auth(SERVICE_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    started["authorize_url"].as_str().unwrap().to_owned()
 }
 
 /// Starts a connect flow for `user` through the API, then does what a browser does: opens the
@@ -76,19 +99,8 @@ pub async fn connect_as_browser(app: &TestApp, user: &str, decision: &str) -> Br
 /// [`connect_as_browser`] against the API at `api` (a base URL).
 pub async fn connect_through(api: &str, user: &str, decision: &str) -> BrowserOutcome {
     let http = no_redirects();
-    let started: Value = http
-        .post(format!("{api}/v1/connections/qlik/authorize"))
-        .bearer_auth(SERVICE_KEY)
-        .json(&json!({ "user_id": user, "return_to": format!("{RETURN_TO}?from=test") }))
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let authorize_url = started["authorize_url"].as_str().unwrap();
+    let authorize_url = start_connect(&http, api, user, Some(&format!("{RETURN_TO}?from=test"))).await;
+    let authorize_url = authorize_url.as_str();
     let login_page = http.get(authorize_url).send().await.unwrap();
     assert_eq!(login_page.status(), 200, "the provider shows its login page");
     let html = login_page.text().await.unwrap();
