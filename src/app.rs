@@ -17,7 +17,7 @@ use crate::api::{self, ApiState};
 use crate::config::{ConfigError, Settings};
 use crate::crypto::TokenCipher;
 use crate::events::Events;
-use crate::mcp::{McpCallError, McpClients};
+use crate::mcp::{McpCallError, McpClients, McpLimits};
 use crate::messages::TokenEventKind;
 use crate::metrics::Metrics;
 use crate::oauth::{OAuthClient, TokenRules};
@@ -47,6 +47,15 @@ pub enum AppError {
     /// A part's task panicked (or, for the broker supervisor, ended while the roles still ran).
     #[error("{part} panicked: {message}")]
     Panicked { part: &'static str, message: String },
+}
+
+/// The checks of the settings that only the parts they configure can make: the encryption keys
+/// decode to a key ring, and the MCP servers (URLs, tool selectors, auth headers, overlaps) build
+/// a registry. [`App::build`] builds both anyway; the CLI calls this first so that every command
+/// refuses a bad configuration the same way (exit 2), before it touches a service.
+pub fn check(settings: &Settings) -> Result<(), ConfigError> {
+    crate::crypto::KeyRing::from_settings(&settings.encryption)?;
+    Registry::from_settings(&settings.mcp).map(drop)
 }
 
 /// A part of the process: its name in logs and errors, and the future that runs it.
@@ -109,7 +118,7 @@ impl App {
         };
 
         let worker = if roles.worker {
-            let limits = settings.mcp.limits(settings.worker.concurrency);
+            let limits = McpLimits::from_settings(&settings.mcp, settings.worker.concurrency);
             let mcp = Arc::new(McpClients::new(&registry, &limits, metrics.clone())?);
             let config = WorkerConfig {
                 concurrency: settings.worker.concurrency,
@@ -217,7 +226,7 @@ impl App {
             refresher,
             http: (listener, Arc::new(state)),
             connections: roles.api,
-            http_limits: settings.http.limits(),
+            http_limits: api::Limits::from_settings(&settings.http),
             metrics,
         })
     }

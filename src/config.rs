@@ -3,6 +3,12 @@
 //! [`Settings::load`] merges the layers with figment and calls [`Settings::validate`] once, so the
 //! rest of the program can trust every value. Every key is documented in `config/default.toml`,
 //! which is compiled into the binary as the bottom layer.
+//!
+//! This module is a leaf: it knows the shape and the bounds of each setting, never the parts that
+//! interpret them. The parts depend on it (`crypto` reads [`EncryptionSettings`], `registry` reads
+//! [`McpSettings`]); the checks only a part can make (are the keys base64 of 32 bytes, do two
+//! servers route the same tool) run when that part is built, and [`crate::app::check`] builds them
+//! all once at start-up.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +23,11 @@ use crate::secret::Secret;
 
 /// The defaults, compiled in so that a binary without its source tree still starts.
 pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The shortest lifetime a token is given, in seconds: below it the refresher would renew it on
+/// every scan, and no job could use it (a job needs the call timeout plus the clock skew). The
+/// configured lifetimes are bounded by it here, and `oauth::accept` clamps providers' numbers to it.
+pub(crate) const MIN_TOKEN_LIFETIME_SECS: u64 = 60;
 
 /// Prefix of the environment variables that override configuration keys.
 pub(crate) const ENV_PREFIX: &str = "MCP_WORKER_";
@@ -69,17 +80,6 @@ pub struct HttpSettings {
     pub(crate) header_read_timeout_ms: u64,
     pub(crate) body_read_timeout_ms: u64,
     pub(crate) max_connections: usize,
-}
-
-impl HttpSettings {
-    /// What one client may take of the listener.
-    pub(crate) fn limits(&self) -> crate::api::Limits {
-        crate::api::Limits {
-            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
-            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
-            max_connections: self.max_connections,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,17 +237,6 @@ impl McpSettings {
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
-
-    /// The MCP clients' bounds (validated: the budget fits a u32 and the limit fits the budget).
-    pub fn limits(&self, max_concurrent_calls: usize) -> crate::mcp::McpLimits {
-        let budget = u32::try_from(self.response_budget_bytes).unwrap_or(u32::MAX);
-        crate::mcp::McpLimits {
-            connect_timeout: self.connect_timeout(),
-            max_concurrent_calls,
-            max_response_bytes: usize::try_from(self.max_response_bytes).unwrap_or(usize::MAX).min(budget as usize),
-            response_budget_bytes: budget,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,8 +293,8 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The checks serde cannot express. Cross-server routing rules are checked when the
-    /// registry is built from these settings, see [`crate::registry::Registry::from_settings`].
+    /// The checks serde cannot express that need no other part of the crate. The encryption keys
+    /// and the MCP servers are checked by building them, see [`crate::app::check`].
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.telemetry.filter.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(invalid("telemetry.filter", "is not a valid tracing filter"));
@@ -382,7 +371,6 @@ impl Settings {
         if self.mcp.response_budget_bytes < self.mcp.max_response_bytes {
             return Err(invalid("mcp.response_budget_bytes", "must be at least mcp.max_response_bytes"));
         }
-        crate::crypto::KeyRing::from_settings(&self.encryption)?;
         for (key, value) in [
             ("http.state_ttl_secs", self.http.state_ttl_secs),
             ("worker.results_ttl_secs", self.worker.results_ttl_secs),
@@ -405,7 +393,7 @@ impl Settings {
         if self.refresher.concurrency == 0 || self.refresher.batch < 1 {
             return Err(invalid("refresher.concurrency", "and refresher.batch must be at least 1"));
         }
-        let min_lifetime = crate::oauth::accept::MIN_LIFETIME.as_secs();
+        let min_lifetime = MIN_TOKEN_LIFETIME_SECS;
         // A year at most: a longer bound would let a provider's number park a token for ever.
         if !(min_lifetime..=366 * 86_400).contains(&self.providers.qlik.max_token_lifetime_secs) {
             return Err(invalid(
@@ -452,8 +440,7 @@ impl Settings {
                 return Err(invalid(format!("http.return_to_allowlist[{i}]"), "is not a valid URL"));
             }
         }
-        // Building the registry checks URLs, tool selectors, auth headers and overlaps.
-        crate::registry::Registry::from_settings(&self.mcp).map(drop)
+        Ok(())
     }
 }
 
@@ -497,8 +484,6 @@ mod tests {
         assert!(err.contains("prefetch"), "{err}");
         let err = with("worker.nonsense", 1).unwrap_err().to_string();
         assert!(err.contains("nonsense"), "{err}");
-        let err = with("mcp.servers.qlik.url", "ftp://x").unwrap_err().to_string();
-        assert!(err.contains("mcp.servers.qlik.url"), "{err}");
     }
 
     #[test]

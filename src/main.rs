@@ -122,7 +122,7 @@ struct ImportedTokens {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = std::env::var("MCP_WORKER_ENV").ok();
-    let settings = match Settings::load(env.as_deref(), Path::new("config")) {
+    let settings = match Settings::load(env.as_deref(), Path::new("config")).and_then(|s| app::check(&s).map(|()| s)) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("mcp-worker: {e}");

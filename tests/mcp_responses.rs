@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use figment::providers::Serialized;
 use mcp_worker::config::Settings;
-use mcp_worker::mcp::{McpCallError, McpClients};
+use mcp_worker::mcp::{McpCallError, McpClients, McpLimits};
 use mcp_worker::registry::Registry;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -91,7 +91,7 @@ fn clients(addr: SocketAddr) -> McpClients {
     ));
     let settings = Settings::from_figment(figment).unwrap();
     let registry = Registry::from_settings(&settings.mcp).unwrap();
-    let mut limits = settings.mcp.limits(8);
+    let mut limits = McpLimits::from_settings(&settings.mcp, 8);
     limits.connect_timeout = Duration::from_secs(2);
     McpClients::new(&registry, &limits, Default::default()).unwrap()
 }

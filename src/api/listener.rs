@@ -28,6 +28,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::HttpSettings;
+
 /// The largest request body read: the internal endpoints take a small JSON object.
 pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -37,6 +39,16 @@ pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
     pub(crate) body_read_timeout: Duration,
     pub(crate) max_connections: usize,
+}
+
+impl Limits {
+    pub(crate) fn from_settings(settings: &HttpSettings) -> Self {
+        Self {
+            header_read_timeout: Duration::from_millis(settings.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(settings.body_read_timeout_ms),
+            max_connections: settings.max_connections,
+        }
+    }
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown`.

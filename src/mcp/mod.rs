@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub use client::{McpCallError, McpClient};
 
+use crate::config::McpSettings;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -33,6 +34,19 @@ pub struct McpLimits {
     pub(crate) max_response_bytes: usize,
     /// Bytes of answers held at once by the whole process (`mcp.response_budget_bytes`).
     pub(crate) response_budget_bytes: u32,
+}
+
+impl McpLimits {
+    /// The bounds of `settings` (validated: the budget fits a u32 and the limit fits the budget).
+    pub fn from_settings(settings: &McpSettings, max_concurrent_calls: usize) -> Self {
+        let budget = u32::try_from(settings.response_budget_bytes).unwrap_or(u32::MAX);
+        Self {
+            connect_timeout: settings.connect_timeout(),
+            max_concurrent_calls,
+            max_response_bytes: usize::try_from(settings.max_response_bytes).unwrap_or(usize::MAX).min(budget as usize),
+            response_budget_bytes: budget,
+        }
+    }
 }
 
 /// One client per configured server, by server name.

@@ -18,9 +18,8 @@ use std::time::Duration;
 
 use crate::config::{ProviderSettings, TokenSettings};
 
-/// The shortest lifetime a token is given: below it the refresher would renew it on every scan,
-/// and no job could use it (a job needs the call timeout plus the clock skew).
-pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+/// The shortest lifetime a token is given (see [`crate::config::MIN_TOKEN_LIFETIME_SECS`]).
+pub const MIN_LIFETIME: Duration = Duration::from_secs(crate::config::MIN_TOKEN_LIFETIME_SECS);
 
 /// The bounds of [`check_token`] and [`lifetime`], from configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,3 +33,18 @@ fn config_check_names_the_key_of_an_invalid_config_and_exits_2() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("amqp.prefetch"));
 }
+
+/// The checks a part makes of its own settings (here the registry's of a server URL) refuse a
+/// configuration as early, and as clearly, as the checks of the settings themselves.
+#[test]
+fn config_check_refuses_what_the_parts_refuse_and_exits_2() {
+    for (key, value, named) in [
+        ("MCP_WORKER_MCP__SERVERS__QLIK__URL", "ftp://x", "mcp.servers.qlik.url"),
+        ("MCP_WORKER_ENCRYPTION__KEYS__K1", "not-base64!", "encryption.keys.k1"),
+    ] {
+        let output = mcp_worker(&[(key, value)], &["config", "check"]);
+        assert_eq!(output.status.code(), Some(2), "{key}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{key}: {stderr}");
+    }
+}
