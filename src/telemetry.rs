@@ -31,7 +31,12 @@ pub fn init(settings: &TelemetrySettings) {
 }
 
 /// The subscriber `init` installs, writing to `writer` (tests capture its output).
-pub(crate) fn subscriber<W>(format: LogFormat, filter: EnvFilter, ansi: bool, writer: W) -> Box<dyn Subscriber + Send + Sync>
+pub(crate) fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {

@@ -159,7 +159,11 @@ impl OAuthClient {
 
     /// Exchanges a refresh token. A response without a new refresh token keeps the old one.
     #[tracing::instrument(skip_all, fields(provider = %self.provider))]
-    pub(crate) async fn refresh(&self, refresh_token: &Secret<String>, now: DateTime<Utc>) -> Result<NewTokens, OAuthError> {
+    pub(crate) async fn refresh(
+        &self,
+        refresh_token: &Secret<String>,
+        now: DateTime<Utc>,
+    ) -> Result<NewTokens, OAuthError> {
         let observed = Arc::new(Mutex::new(Observed::default()));
         let response = self
             .client

@@ -21,7 +21,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, Consumer, Publisher, QueueError, Source, Topology};
+use super::{Consumer, Delivery, Publisher, QueueError, Source, Topology};
 use crate::secret::Secret;
 
 /// The largest AMQP frame this side proposes, in bytes (see `establish`).

@@ -100,7 +100,9 @@ impl From<lapin::message::Delivery> for Delivery {
             correlation_id: text(props.correlation_id()),
             message_id: text(props.message_id()),
             redelivered: inner.redelivered,
-            failed_deliveries: integer_header(props, "x-delivery-count").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            failed_deliveries: integer_header(props, "x-delivery-count")
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
             body: std::mem::take(&mut inner.data),
             inner,
         }

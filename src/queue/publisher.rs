@@ -55,7 +55,12 @@ impl Publisher {
 
     /// Publishes a reply to `queue` through the default exchange and waits for the confirm.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn reply(&self, queue: &str, correlation_id: Option<&str>, body: &[u8]) -> Result<Published, QueueError> {
+    pub(crate) async fn reply(
+        &self,
+        queue: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+    ) -> Result<Published, QueueError> {
         let mut properties =
             BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
         if let Some(correlation_id) = correlation_id {
@@ -67,7 +72,12 @@ impl Publisher {
     /// Publishes a copy of `delivery` to `queue` with the reason in [`REASON_HEADER`], and waits
     /// for the confirm. The original keeps its properties so it can be inspected or replayed.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn dead_letter(&self, queue: &str, delivery: &Delivery, reason: &str) -> Result<Published, QueueError> {
+    pub(crate) async fn dead_letter(
+        &self,
+        queue: &str,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<Published, QueueError> {
         let original = delivery.properties();
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));

@@ -47,7 +47,12 @@ impl StateStore {
     }
 
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn save(&self, state: &str, pending: &PendingConnect, now: DateTime<Utc>) -> Result<(), StoreError> {
+    pub(crate) async fn save(
+        &self,
+        state: &str,
+        pending: &PendingConnect,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let key = key(state);
         let verifier = self.cipher.seal(&pending.pkce_verifier, &format!("{COLLECTION}/{key}/pkce_verifier"));
         self.collection

@@ -250,10 +250,7 @@ impl TokenStore {
         while cursor.advance().await? {
             let d = cursor.current();
             let Ok(user_id) = d.get_str("user_id") else { continue };
-            due.push(DueToken {
-                user_id: user_id.to_owned(),
-                version: d.get_i64("version").unwrap_or(0),
-            });
+            due.push(DueToken { user_id: user_id.to_owned(), version: d.get_i64("version").unwrap_or(0) });
         }
         Ok(due)
     }
@@ -350,7 +347,11 @@ impl TokenStore {
 
     /// Marks the token as needing a new connect flow, if the lease still holds.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn mark_reauth_required(&self, claimed: &ClaimedToken, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub(crate) async fn mark_reauth_required(
+        &self,
+        claimed: &ClaimedToken,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
             "$inc": { "version": 1_i64 },
@@ -362,7 +363,12 @@ impl TokenStore {
     /// Marks the user's token `reauth_required` because an MCP server refused it, if the stored
     /// token is still at `version` (not renewed or replaced since). `false` when it moved on.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn mark_refused(&self, user_id: &str, version: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    pub(crate) async fn mark_refused(
+        &self,
+        user_id: &str,
+        version: i64,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
             "$inc": { "version": 1_i64 },

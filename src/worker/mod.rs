@@ -230,8 +230,11 @@ impl Worker {
             }
             Disposition::Defer { deferrals, refresh, claim, refused_version } => {
                 self.request_refresh(refresh).await;
-                let carry =
-                    Carry { deferrals: *deferrals, refused_version: *refused_version, ..Carry::of(&envelope, Some(claim)) };
+                let carry = Carry {
+                    deferrals: *deferrals,
+                    refused_version: *refused_version,
+                    ..Carry::of(&envelope, Some(claim))
+                };
                 self.publisher.republish(&self.config.delay_queue, delivery, &carry.headers()).await?;
             }
         }

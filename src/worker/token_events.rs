@@ -14,7 +14,12 @@ use crate::queue::{Broker, Consumer, Watched};
 
 impl Worker {
     /// Follows `events` until `shutdown`. Deliveries of a subscription need no ack.
-    pub(super) async fn follow_token_events(&self, broker: &Broker, mut events: Consumer, shutdown: &CancellationToken) {
+    pub(super) async fn follow_token_events(
+        &self,
+        broker: &Broker,
+        mut events: Consumer,
+        shutdown: &CancellationToken,
+    ) {
         // The subscription was made before the first job was taken: reads from now on are safe.
         self.tokens.resume(Instant::now());
         while let Some(watched) = broker.watch(&mut events, shutdown).await {

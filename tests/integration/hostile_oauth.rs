@@ -15,8 +15,7 @@ use serde_json::{Value, json};
 
 use crate::support::hostile::{HOSTILE_CLIENT_SECRET, Received, Recorder, hostile_provider, json_response};
 use crate::support::{
-    Flavor, McpServer, TestApp, no_redirects, spawn_app_with, start_connect, test_settings, wait_until,
-    worker_env,
+    Flavor, McpServer, TestApp, no_redirects, spawn_app_with, start_connect, test_settings, wait_until, worker_env,
 };
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
