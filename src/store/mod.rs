@@ -5,6 +5,7 @@
 //! a BSON document or a driver error type.
 
 mod batch;
+mod leases;
 mod migrations;
 mod results;
 mod states;
@@ -16,10 +17,11 @@ use std::time::Duration;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
+pub use leases::{ClaimedToken, DueCounts, DueToken};
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
 pub(crate) use results::{Claim, ResultStore};
 pub(crate) use states::{PendingConnect, StateStore};
-pub use tokens::{ClaimedToken, DueCounts, DueToken, NewTokens, StoredToken, TokenStatus, TokenStore};
+pub use tokens::{NewTokens, StoredToken, TokenStatus, TokenStore};
 
 use crate::config::MongoSettings;
 use crate::crypto::TokenCipher;
