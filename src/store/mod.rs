@@ -21,6 +21,7 @@ pub use leases::{ClaimedToken, DueCounts, DueToken};
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
 pub(crate) use results::{Claim, ResultStore};
 pub(crate) use states::{PendingConnect, StateStore};
+pub(crate) use tokens::TokenStores;
 pub use tokens::{NewTokens, StoredToken, TokenStatus, TokenStore};
 
 use crate::config::MongoSettings;
@@ -112,6 +113,11 @@ impl Store {
 
     pub fn tokens(&self, provider: Provider, cipher: &Arc<TokenCipher>) -> TokenStore {
         TokenStore::new(&self.db, provider, cipher.clone())
+    }
+
+    /// Every provider's token store at once, for a holder that looks tokens up all the time.
+    pub(crate) fn token_stores(&self, cipher: &Arc<TokenCipher>) -> TokenStores {
+        TokenStores::new(&self.db, cipher)
     }
 
     pub(crate) fn results(&self) -> ResultStore {

@@ -81,6 +81,26 @@ pub struct TokenStore {
     name: &'static str,
 }
 
+/// A [`TokenStore`] for every provider, built once by a long-lived holder (the worker) instead
+/// of one per lookup. The match is exhaustive, so a lookup cannot miss and a new provider cannot
+/// be forgotten here.
+#[derive(Clone)]
+pub(crate) struct TokenStores {
+    qlik: TokenStore,
+}
+
+impl TokenStores {
+    pub(super) fn new(db: &mongodb::Database, cipher: &Arc<TokenCipher>) -> Self {
+        Self { qlik: TokenStore::new(db, Provider::Qlik, cipher.clone()) }
+    }
+
+    pub(crate) fn get(&self, provider: Provider) -> &TokenStore {
+        match provider {
+            Provider::Qlik => &self.qlik,
+        }
+    }
+}
+
 /// Reads a stored document. One of the wrong shape (written by older code or by hand: a date
 /// stored as a string, a missing field) is `Unreadable`, naming the field, like a value whose
 /// seal cannot be opened: no retry will make it readable, only the user reconnecting.

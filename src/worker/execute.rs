@@ -46,8 +46,7 @@ impl Worker {
                 Step::Claim { lease_until, expires_at } => {
                     let returning = facts.envelope.claim.is_some();
                     let claim = self
-                        .store
-                        .results()
+                        .results
                         .claim(&job.job_id, &facts.call, &facts.owner, returning, now, lease_until, expires_at)
                         .await;
                     if let Err(e) = &claim {
@@ -102,7 +101,7 @@ impl Worker {
             Some(token) => Ok(Some(token)),
             None => {
                 let read_started = Instant::now();
-                let read = self.store.tokens(provider, &self.cipher).get(user_id).await;
+                let read = self.token_stores.get(provider).get(user_id).await;
                 if let Ok(Some(token)) = &read {
                     self.tokens.put(provider, token, read_started);
                 }

@@ -29,7 +29,7 @@ use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::metrics::Metrics;
 use crate::queue::{Broker, Consumer, Delivery, Published, Publisher, QueueError};
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{ResultStore, Store, TokenStores};
 use decision::{Disposition, Record, RefreshNeeded, RefusedToken, ReplyTarget};
 use envelope::{Carry, Envelope};
 use once::OncePerUser;
@@ -69,7 +69,9 @@ pub(crate) struct WorkerConfig {
 pub(crate) struct Worker {
     config: WorkerConfig,
     registry: Arc<Registry>,
-    store: Store,
+    results: ResultStore,
+    /// Where tokens are read on a cache miss (and marked when an MCP server refuses one).
+    token_stores: TokenStores,
     cipher: Arc<TokenCipher>,
     mcp: Arc<McpClients>,
     publisher: Publisher,
@@ -96,7 +98,8 @@ impl Worker {
         let WorkerPeers { registry, store, cipher, mcp, publisher, events, metrics } = peers;
         let tokens = TokenCache::new(config.token_cache_ttl);
         let unreadable = OncePerUser::new(10_000);
-        Self { config, registry, store, cipher, mcp, publisher, events, tokens, unreadable, metrics }
+        let (results, token_stores) = (store.results(), store.token_stores(&cipher));
+        Self { config, registry, results, token_stores, cipher, mcp, publisher, events, tokens, unreadable, metrics }
     }
 
     /// Whether the token cache is on, and so needs the token events (see [`Worker::run`]).
@@ -246,8 +249,7 @@ impl Worker {
     /// the tool again once the claim's lease lapsed, while this way only a lost ack can.
     async fn record(&self, record: Option<&Record>, body: &[u8]) {
         let Some(record) = record else { return };
-        let results = self.store.results();
-        if let Err(e) = results.complete(&record.job_id, &record.call, body, Utc::now(), record.expires_at).await {
+        if let Err(e) = self.results.complete(&record.job_id, &record.call, body, Utc::now(), record.expires_at).await {
             self.metrics.reply_not_recorded();
             tracing::warn!(error = %e, "could not record the job's reply; publishing it anyway");
         }
@@ -257,8 +259,7 @@ impl Worker {
     /// announces it, unless the token changed since (the user reconnected meanwhile). Best
     /// effort: the reply says `reauth_required` either way, and the next job tries again.
     async fn mark_refused(&self, token: &RefusedToken) {
-        let tokens = self.store.tokens(token.provider, &self.cipher);
-        match tokens.mark_refused(&token.user_id, token.version, Utc::now()).await {
+        match self.token_stores.get(token.provider).mark_refused(&token.user_id, token.version, Utc::now()).await {
             Ok(true) => {
                 tracing::warn!("the MCP server refused the user's renewed token; the user must reconnect");
                 let reason = "the MCP server refused the renewed access token";
