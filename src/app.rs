@@ -42,6 +42,9 @@ pub enum AppError {
     Mcp(#[from] McpCallError),
     #[error(transparent)]
     Refresher(#[from] RefresherError),
+    /// The TLS backend of the outgoing HTTP client could not start.
+    #[error("the HTTP client cannot be built: {0}")]
+    HttpClient(String),
     #[error("the HTTP API failed: {0}")]
     Api(#[from] std::io::Error),
     /// A part's task panicked (or, for the broker supervisor, ended while the roles still ran).
@@ -98,14 +101,8 @@ impl App {
         let broker = Broker::connect(&settings.amqp.url, "mcp-worker", Some(topology(settings))).await?;
         let publisher = broker.publisher();
         let events = Events::new(publisher.clone(), settings.amqp.events_exchange.clone());
-        // The OAuth client's: it carries the client secret, PKCE verifiers and refresh tokens, so
-        // it never follows a redirect (a 3xx would re-send them to wherever it points); a 3xx is
-        // a failed request instead. Tested by `hostile_oauth::`.
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| QueueError::Connect(e.to_string()))?;
+        // The OAuth client's: it carries the client secret, PKCE verifiers and refresh tokens.
+        let http = crate::outbound::client_builder().build().map_err(|e| AppError::HttpClient(e.to_string()))?;
         let oauth: HashMap<Provider, Arc<OAuthClient>> = match settings.providers.get(Provider::Qlik) {
             Some(provider) => {
                 let rules = TokenRules::from_settings(provider, &settings.tokens);
@@ -135,7 +132,7 @@ impl App {
                 delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
                 refresh_queue: settings.amqp.refresh_queue.clone(),
                 shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
-                owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+                owner: crate::owner::new_owner_id(),
                 // A claim outlives the longest call (timeout plus skew), with room to record it.
                 claim_lease: settings.mcp.call_timeout()
                     + Duration::from_secs(settings.tokens.clock_skew_secs)

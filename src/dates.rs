@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// `duration` as a chrono delta, `TimeDelta::MAX` when it does not fit.
-pub(crate) fn delta(duration: Duration) -> TimeDelta {
+fn delta(duration: Duration) -> TimeDelta {
     TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
 }
 

@@ -17,6 +17,8 @@ pub mod mcp;
 pub mod messages;
 mod metrics;
 pub mod oauth;
+mod outbound;
+mod owner;
 mod panics;
 pub mod provider;
 pub mod queue;

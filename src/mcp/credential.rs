@@ -204,7 +204,7 @@ mod tests {
             }
         });
         let client = CredentialClient {
-            http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            http: crate::outbound::client_builder().build().unwrap(),
             // The same host on another port is another origin.
             server: reqwest::Url::parse("http://127.0.0.1:1/mcp").unwrap(),
             budget: ResponseBudget::new(1 << 20, Arc::new(Metrics::new())),

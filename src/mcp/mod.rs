@@ -57,12 +57,9 @@ pub struct McpClients {
 impl McpClients {
     /// Creates the clients; none connects until its first call.
     pub fn new(registry: &Registry, limits: &McpLimits, metrics: Arc<Metrics>) -> Result<Self, McpCallError> {
-        // No redirect is followed, to any origin: reqwest would replay the token header to the
-        // new location (it strips only `Authorization` across hosts). A 3xx is an error instead.
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("mcp-worker/", env!("CARGO_PKG_VERSION")))
+        // Follows no redirect (see `outbound`): a 3xx is an error, the token stays where it was.
+        let http = crate::outbound::client_builder()
             .connect_timeout(limits.connect_timeout)
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| McpCallError::Unavailable { server: String::new(), detail: e.to_string() })?;
         let budget = budget::ResponseBudget::new(limits.response_budget_bytes, metrics);

@@ -21,11 +21,16 @@ const RESEND_WINDOW: Duration = Duration::from_secs(30);
 /// Header naming why the worker dead-lettered a message.
 pub(crate) const REASON_HEADER: &str = "x-mcp-worker-reason";
 
-/// Reply-to names of RabbitMQ's direct reply-to feature start with this.
-const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to";
+/// RabbitMQ's direct reply-to pseudo-queue; the reply-to names it hands out start with it.
+pub(super) const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Persistent delivery mode: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
+
+/// The properties every message this service creates starts from: JSON, written to disk.
+pub(super) fn persistent_json() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT)
+}
 
 /// What the broker did with a confirmed publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +66,7 @@ impl Publisher {
         correlation_id: Option<&str>,
         body: &[u8],
     ) -> Result<Published, QueueError> {
-        let mut properties =
-            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
+        let mut properties = persistent_json();
         if let Some(correlation_id) = correlation_id {
             properties = properties.with_correlation_id(correlation_id.into());
         }
@@ -112,8 +116,7 @@ impl Publisher {
     /// Publishes a persistent JSON message to `queue` and waits for the confirm.
     #[tracing::instrument(skip_all)]
     pub(crate) async fn send(&self, queue: &str, body: &[u8]) -> Result<Published, QueueError> {
-        let properties =
-            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
+        let properties = persistent_json();
         self.publish(queue, body, properties, Resend::No).await
     }
 
@@ -121,8 +124,7 @@ impl Publisher {
     /// nobody subscribed to is dropped by the broker, which is fine for events.
     #[tracing::instrument(skip_all)]
     pub(crate) async fn event(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), QueueError> {
-        let properties =
-            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(PERSISTENT);
+        let properties = persistent_json();
         let channel = self.shared.link().publisher;
         let confirm = channel
             .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
@@ -166,7 +168,7 @@ impl Publisher {
         // `mandatory` makes the broker return a message no queue takes, so a vanished reply queue
         // is noticed. Direct reply-to names are not queues: the broker returns those as
         // unroutable even when it delivers them, so they are published without it.
-        let mandatory = !queue.starts_with(DIRECT_REPLY_TO_PREFIX);
+        let mandatory = !queue.starts_with(DIRECT_REPLY_TO);
         let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
         let confirm = channel.basic_publish("".into(), queue.into(), options, body, properties).await?.await?;
         match confirm {

@@ -4,13 +4,12 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::Confirmation;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation};
 
+use super::publisher::{DIRECT_REPLY_TO, persistent_json};
 use super::{Broker, QueueError};
-
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 impl Broker {
     /// Publishes `body` to `queue` as a persistent JSON message with the given ids, then waits up
@@ -33,9 +32,7 @@ impl Broker {
                 FieldTable::default(),
             )
             .await?;
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
+        let properties = persistent_json()
             .with_message_id(message_id.into())
             .with_correlation_id(message_id.into())
             .with_reply_to(DIRECT_REPLY_TO.into());

@@ -102,7 +102,7 @@ impl Refresher {
             metrics,
             limiter: RateLimiter::per_minute(config.rate_per_minute),
             slots: Arc::new(Semaphore::new(config.concurrency)),
-            owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            owner: crate::owner::new_owner_id(),
             tokens,
             oauth,
             events,
@@ -228,8 +228,8 @@ impl Refresher {
     async fn try_refresh(&self, due: &DueToken) -> Result<RefreshOutcome, StoreError> {
         self.limiter.acquire().await;
         let now = Utc::now();
-        let lease = crate::dates::delta(self.config.lease);
-        let Some(claimed) = self.tokens.claim(due, &self.owner, now, lease).await? else {
+        let lease_until = crate::dates::after(now, self.config.lease);
+        let Some(claimed) = self.tokens.claim(due, &self.owner, now, lease_until).await? else {
             return Ok(RefreshOutcome::NotClaimed);
         };
         match self.oauth.refresh(&claimed.refresh_token, Utc::now()).await {

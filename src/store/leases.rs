@@ -106,15 +106,16 @@ impl TokenStore {
         Ok(DueCounts { due, overdue, earliest })
     }
 
-    /// Takes the lease on a due token if it is still at `version`, active and unleased. `None`
-    /// when another replica got there first or the token changed since the scan.
+    /// Takes the lease on a due token, until `lease_until`, if it is still at `version`, active and
+    /// unleased at `now`. `None` when another replica got there first or the token changed since
+    /// the scan.
     #[tracing::instrument(skip_all)]
     pub(crate) async fn claim(
         &self,
         due: &DueToken,
         owner: &str,
         now: DateTime<Utc>,
-        lease: chrono::Duration,
+        lease_until: DateTime<Utc>,
     ) -> Result<Option<ClaimedToken>, StoreError> {
         let filter = doc! {
             "user_id": &due.user_id,
@@ -123,7 +124,7 @@ impl TokenStore {
             "lease_until": { "$not": { "$gt": bson_date(now) } },
         };
         let update = doc! {
-            "$set": { "lease_owner": owner, "lease_until": bson_date(now.checked_add_signed(lease).unwrap_or(DateTime::<Utc>::MAX_UTC)) },
+            "$set": { "lease_owner": owner, "lease_until": bson_date(lease_until) },
             "$inc": { "version": 1_i64 },
         };
         let claimed =
