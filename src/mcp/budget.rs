@@ -3,7 +3,8 @@
 //! Each response is limited on its own (`mcp.max_response_bytes`), but many large answers at once
 //! would still add up to more memory than the process has. So every byte of an MCP answer is
 //! taken from one budget (`mcp.response_budget_bytes`, a semaphore of bytes) as it arrives, and
-//! given back only once the call that asked for it has built its result (or given up). A reader
+//! given back only once the result built from it is gone: a failed call's at once, a good one's
+//! when its holder drops the result's `HeldBytes` (the worker, once the reply is published). A reader
 //! that finds the budget spent waits for bytes to come back, at most until its call's deadline;
 //! then it fails, handing its bytes back so that others can finish.
 
@@ -64,7 +65,7 @@ impl ResponseBudget {
 }
 
 /// The bytes one call holds from the budget; they go back when the last holder drops it (the
-/// call once its result is built, and the response reader once it has finished).
+/// result's `HeldBytes`, or the call when it failed, and the response reader once it has finished).
 pub(crate) struct Account {
     budget: Arc<ResponseBudget>,
     deadline: Instant,

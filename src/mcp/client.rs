@@ -16,7 +16,7 @@ use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfi
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
-use super::budget::ResponseBudget;
+use super::budget::{Account, ResponseBudget};
 use super::credential::CredentialClient;
 use super::response::Refusal;
 use crate::redact;
@@ -58,6 +58,20 @@ pub enum McpCallError {
 
 type Session = RunningService<RoleClient, ClientConfig>;
 
+/// A tool's result, and the answer bytes it was built from, still held from the response budget.
+pub struct Called {
+    pub result: Value,
+    pub held: HeldBytes,
+}
+
+/// Answer bytes held from the response budget (`mcp.response_budget_bytes`); dropping this gives
+/// them back. A result lives on after its call, as the job's reply, until the reply is published,
+/// and it is about as large as its answer: the caller keeps this until then, so the budget
+/// bounds the results waiting to be published as well as the answers being read.
+pub struct HeldBytes {
+    _account: Arc<Account>,
+}
+
 pub struct McpClient {
     server: String,
     url: String,
@@ -90,7 +104,8 @@ impl McpClient {
 
     /// Calls `tool` and returns its `CallToolResult` as JSON, tool failures (`isError: true`)
     /// included. Everything, connecting included, happens within `timeout`. The answer's bytes
-    /// are held from the response budget until the JSON is built.
+    /// are held from the response budget for as long as the caller keeps [`Called::held`]; after
+    /// a failure they are given back at once.
     #[tracing::instrument(skip_all, fields(server = %self.server, tool = %tool))]
     pub async fn call_tool(
         &self,
@@ -98,7 +113,7 @@ impl McpClient {
         arguments: Map<String, Value>,
         credential: Option<CredentialHeader>,
         timeout: Duration,
-    ) -> Result<Value, McpCallError> {
+    ) -> Result<Called, McpCallError> {
         let account = self.budget.account(timeout);
         let call = async {
             let session = self.session().await?;
@@ -124,8 +139,10 @@ impl McpClient {
             false => McpCallError::Timeout { server: self.server.clone(), after: timeout },
         })??;
         match result {
-            ServerResult::CallToolResult(result) => serde_json::to_value(result)
-                .map_err(|e| McpCallError::Protocol { server: self.server.clone(), detail: e.to_string() }),
+            ServerResult::CallToolResult(result) => match serde_json::to_value(result) {
+                Ok(result) => Ok(Called { result, held: HeldBytes { _account: account } }),
+                Err(e) => Err(McpCallError::Protocol { server: self.server.clone(), detail: e.to_string() }),
+            },
             other => Err(McpCallError::Protocol {
                 server: self.server.clone(),
                 detail: format!("tools/call answered with an unsupported result kind ({})", result_kind(&other)),

@@ -12,18 +12,33 @@ use super::decision::{self, CallFacts, Disposition, Facts, Route, Step, TokenFac
 use super::envelope::Envelope;
 use super::policy::{self, TokenVerdict};
 use crate::job::{self, Job};
+use crate::mcp::{Called, HeldBytes};
 use crate::queue::Delivery;
 use crate::registry::{AuthSpec, CredentialHeader};
 use crate::store::{StoreError, StoredToken, TokenStatus};
 
+/// What the job path came to: the disposition to settle, and what settling needs besides.
+pub(super) struct Disposed {
+    /// The job, when the delivery decoded to one.
+    pub(super) job: Option<Job>,
+    pub(super) disposition: Disposition,
+    /// How long the MCP call took; zero when none was made.
+    pub(super) call_time: Duration,
+    /// The answer bytes the result was built from, held from the response budget until the reply
+    /// is published (see [`HeldBytes`]).
+    pub(super) held: Option<HeldBytes>,
+}
+
 impl Worker {
-    /// Runs `delivery` through the job path up to the point of settling it; also says how long
-    /// the MCP call took, if one was made.
-    pub(super) async fn dispose(&self, delivery: &Delivery) -> (Option<Job>, Disposition, Duration) {
+    /// Runs `delivery` through the job path up to the point of settling it.
+    pub(super) async fn dispose(&self, delivery: &Delivery) -> Disposed {
         let envelope = Envelope::of(delivery);
         let mut job = match job::decode(&delivery.body, self.config.job_limits) {
             Ok(job) => job,
-            Err(invalid) => return (None, decision::refuse_invalid(&envelope, invalid), Duration::ZERO),
+            Err(invalid) => {
+                let disposition = decision::refuse_invalid(&envelope, invalid);
+                return Disposed { job: None, disposition, call_time: Duration::ZERO, held: None };
+            }
         };
         let server = self.registry.route(&job.tool);
         let route = match server.map(|server| server.auth.as_ref()) {
@@ -40,6 +55,7 @@ impl Worker {
             Facts { call: job.fingerprint(), owner, envelope, route, claim: None, token: None, call_result: None };
         let mut credential = None;
         let mut call_time = Duration::ZERO;
+        let mut held = None;
         loop {
             let now = Utc::now();
             match decision::next(&job, &mut facts, &self.config, now) {
@@ -67,7 +83,11 @@ impl Worker {
                     let called = Instant::now();
                     // The arguments are not needed after the call: moved, not copied.
                     let arguments = std::mem::take(&mut job.arguments);
-                    let outcome = client.call_tool(&job.tool, arguments, credential.take(), budget.timeout).await;
+                    let answer = client.call_tool(&job.tool, arguments, credential.take(), budget.timeout).await;
+                    let outcome = answer.map(|Called { result, held: bytes }| {
+                        held = Some(bytes);
+                        result
+                    });
                     call_time = called.elapsed();
                     let label = match &outcome {
                         Ok(_) => "ok",
@@ -76,7 +96,7 @@ impl Worker {
                     self.metrics.mcp_call(&server.name, label, call_time);
                     facts.call_result = Some(CallFacts { outcome, budget });
                 }
-                Step::Settle(disposition) => return (Some(job), disposition, call_time),
+                Step::Settle(disposition) => return Disposed { job: Some(job), disposition, call_time, held },
             }
         }
     }

@@ -32,6 +32,7 @@ use crate::registry::Registry;
 use crate::store::{ResultStore, Store, TokenStores};
 use decision::{Disposition, Record, RefreshNeeded, RefusedToken, ReplyTarget};
 use envelope::{Carry, Envelope};
+use execute::Disposed;
 use once::OncePerUser;
 use token_cache::TokenCache;
 
@@ -167,7 +168,7 @@ impl Worker {
     #[tracing::instrument(skip_all, fields(job_id, tool, user))]
     async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
-        let (job, disposition, call_time) = self.dispose(&delivery).await;
+        let Disposed { job, disposition, call_time, held } = self.dispose(&delivery).await;
         if let Some(job) = &job {
             let span = tracing::Span::current();
             span.record("job_id", job.job_id.as_str());
@@ -194,6 +195,9 @@ impl Worker {
                 }
             }
         }
+        // Only now, with the reply published (or the job requeued), is the result's memory given
+        // back to the response budget: results awaiting publication are bounded by it too.
+        drop(held);
     }
 
     /// Publishes what the disposition asks for, waits for the broker's confirms, then acks.

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
+use mcp_worker::mcp::{McpCallError, McpClients, McpLimits};
+use mcp_worker::registry::Registry;
 use serde_json::{Value, json};
 
 use crate::support::hostile::{Recorder, redirect, slow_large_result};
-use crate::support::{TestApp, spawn_app_with};
+use crate::support::{TestApp, spawn_app_with, test_settings};
 
 const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
 
@@ -97,6 +99,32 @@ fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// A result is about as large as the answer it was built from, and it lives on until its reply
+/// is published: its answer's bytes stay held from the budget for as long as the caller keeps
+/// the result's `held` bytes. Without that, the budget bounded only the answers being read, and
+/// 64 finished 15 MiB results waiting to be published took 1 GiB past a 64 MiB budget
+/// (PERFORMANCE.md). The worker keeps them until the reply is confirmed (`Worker::handle`).
+#[tokio::test]
+async fn a_result_holds_its_answer_bytes_from_the_budget_until_its_holder_lets_go() {
+    const ANSWER: usize = 400_000;
+    let server = Recorder::mcp(|_, call: &Value| slow_large_result(&call["id"], ANSWER, Duration::ZERO)).await;
+    let url = format!("{}/mcp", server.base);
+    let overrides = [("mcp.max_response_bytes", json!(500_000)), ("mcp.response_budget_bytes", json!(500_000))];
+    let settings = test_settings(&url, &overrides);
+    let registry = Registry::from_settings(&settings.mcp).unwrap();
+    let clients = McpClients::new(&registry, &McpLimits::from_settings(&settings.mcp, 4), Default::default()).unwrap();
+    let client = clients.get("plain").unwrap();
+    let call = || client.call_tool("echo", Default::default(), None, Duration::from_millis(1_500));
+
+    let first = call().await.expect("the first answer fits the budget");
+    let refused = call().await.err().expect("no room for a second answer while the first result is held");
+    assert!(matches!(refused, McpCallError::OverBudget { .. }), "{refused}");
+    drop(first.held);
+    let second = call().await.expect("the bytes came back once the first result was let go");
+    assert_eq!(second.result["content"][0]["text"].as_str().unwrap().len(), ANSWER);
+    assert_eq!(first.result["content"][0]["text"].as_str().unwrap().len(), ANSWER);
 }
 
 #[tokio::test]
