@@ -233,37 +233,69 @@ fn description(body: &str) -> Option<String> {
     (!clean.is_empty()).then(|| clean.to_owned())
 }
 
-/// The whole body, each chunk taken from the budget before it is kept.
-async fn read_body(mut response: reqwest::Response, account: &Account, max_bytes: usize) -> Result<Vec<u8>, HttpError> {
-    if response.content_length().is_some_and(|length| length > max_bytes as u64) {
-        return Err(Refusal::TooLarge { max: max_bytes }.into_http());
+/// What a body still owes the budget. A declared length is taken at once, before the first byte
+/// is read: a reader that held part of its answer while it waited for the rest would, with many
+/// large answers at once, leave every reader waiting for bytes the others hold until their
+/// timeouts ended them all (measured with `bench/rss`: PERFORMANCE.md). Without a length (chunked
+/// JSON, SSE) each chunk is taken as it arrives, and only bytes beyond the declared ones are.
+struct Meter {
+    prepaid: usize,
+}
+
+impl Meter {
+    async fn start(response: &reqwest::Response, account: &Account, max_bytes: usize) -> Result<Self, Refusal> {
+        let declared = match response.content_length() {
+            Some(length) if length > max_bytes as u64 => return Err(Refusal::TooLarge { max: max_bytes }),
+            Some(length) => length as usize,
+            None => 0,
+        };
+        account.take(declared).await?;
+        Ok(Self { prepaid: declared })
     }
-    let mut body = Vec::new();
+
+    async fn take(&mut self, account: &Account, bytes: usize) -> Result<(), Refusal> {
+        let owed = bytes.saturating_sub(self.prepaid);
+        self.prepaid = self.prepaid.saturating_sub(bytes);
+        Ok(account.take(owed).await?)
+    }
+}
+
+/// The whole body, each byte taken from the budget before it is kept (see [`Meter`]).
+async fn read_body(mut response: reqwest::Response, account: &Account, max_bytes: usize) -> Result<Vec<u8>, HttpError> {
+    let mut meter = Meter::start(&response, account, max_bytes).await.map_err(Refusal::into_http)?;
+    // Sized once for a declared length (taken from the budget already): growing a large body by
+    // doubling would hold two copies at each step.
+    let mut body = Vec::with_capacity(meter.prepaid);
     while let Some(chunk) = response.chunk().await? {
         if chunk.len() > max_bytes - body.len() {
             return Err(Refusal::TooLarge { max: max_bytes }.into_http());
         }
-        account.take(chunk.len()).await.map_err(|e| Refusal::from(e).into_http())?;
+        meter.take(account, chunk.len()).await.map_err(Refusal::into_http)?;
         body.extend_from_slice(&chunk);
     }
     Ok(body)
 }
 
-/// The body as a stream of chunks, each taken from the budget before it is passed on; the
-/// stream keeps the account (and so the bytes) until it is dropped.
+/// The body as a stream of chunks, each taken from the budget before it is passed on (see
+/// [`Meter`]); the stream keeps the account (and so the bytes) until it is dropped.
 fn metered(
     response: reqwest::Response,
     account: Arc<Account>,
     max_bytes: usize,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    futures::stream::try_unfold((response, account, 0usize), move |(mut response, account, read)| async move {
+    let state = (response, account, None::<Meter>, 0usize);
+    futures::stream::try_unfold(state, move |(mut response, account, meter, read)| async move {
+        let mut meter = match meter {
+            Some(meter) => meter,
+            None => Meter::start(&response, &account, max_bytes).await.map_err(std::io::Error::other)?,
+        };
         let Some(chunk) = response.chunk().await.map_err(std::io::Error::other)? else { return Ok(None) };
         if chunk.len() > max_bytes - read {
             return Err(std::io::Error::other(Refusal::TooLarge { max: max_bytes }));
         }
-        account.take(chunk.len()).await.map_err(|e| std::io::Error::other(Refusal::from(e)))?;
+        meter.take(&account, chunk.len()).await.map_err(std::io::Error::other)?;
         let read = read + chunk.len();
-        Ok(Some((chunk, (response, account, read))))
+        Ok(Some((chunk, (response, account, Some(meter), read))))
     })
 }
 

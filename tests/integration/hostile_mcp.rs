@@ -9,7 +9,7 @@ use mcp_worker::mcp::{McpCallError, McpClients, McpLimits};
 use mcp_worker::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::support::hostile::{Recorder, redirect, slow_large_result};
+use crate::support::hostile::{Length, Recorder, redirect, slow_large_result};
 use crate::support::{TestApp, spawn_app_with, test_settings};
 
 const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
@@ -101,6 +101,15 @@ fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
+/// MCP clients (no worker) for `server`, whose answers may hold `budget` bytes at once.
+fn clients_with_budget(server: &Recorder, budget: u64) -> McpClients {
+    let url = format!("{}/mcp", server.base);
+    let overrides = [("mcp.max_response_bytes", json!(500_000)), ("mcp.response_budget_bytes", json!(budget))];
+    let settings = test_settings(&url, &overrides);
+    let registry = Registry::from_settings(&settings.mcp).unwrap();
+    McpClients::new(&registry, &McpLimits::from_settings(&settings.mcp, 8), Default::default()).unwrap()
+}
+
 /// A result is about as large as the answer it was built from, and it lives on until its reply
 /// is published: its answer's bytes stay held from the budget for as long as the caller keeps
 /// the result's `held` bytes. Without that, the budget bounded only the answers being read, and
@@ -109,12 +118,9 @@ fn metric(text: &str, name: &str) -> u64 {
 #[tokio::test]
 async fn a_result_holds_its_answer_bytes_from_the_budget_until_its_holder_lets_go() {
     const ANSWER: usize = 400_000;
-    let server = Recorder::mcp(|_, call: &Value| slow_large_result(&call["id"], ANSWER, Duration::ZERO)).await;
-    let url = format!("{}/mcp", server.base);
-    let overrides = [("mcp.max_response_bytes", json!(500_000)), ("mcp.response_budget_bytes", json!(500_000))];
-    let settings = test_settings(&url, &overrides);
-    let registry = Registry::from_settings(&settings.mcp).unwrap();
-    let clients = McpClients::new(&registry, &McpLimits::from_settings(&settings.mcp, 4), Default::default()).unwrap();
+    let server =
+        Recorder::mcp(|_, call: &Value| slow_large_result(&call["id"], ANSWER, Duration::ZERO, Length::Declared)).await;
+    let clients = clients_with_budget(&server, 500_000);
     let client = clients.get("plain").unwrap();
     let call = || client.call_tool("echo", Default::default(), None, Duration::from_millis(1_500));
 
@@ -127,13 +133,42 @@ async fn a_result_holds_its_answer_bytes_from_the_budget_until_its_holder_lets_g
     assert_eq!(first.result["content"][0]["text"].as_str().unwrap().len(), ANSWER);
 }
 
+/// Answers that declare their length take all of it from the budget before they read a byte.
+/// Taken chunk by chunk instead, four answers of half the budget each got their first halves
+/// (the whole budget between them) and then all waited for room that only they could free,
+/// until their timeouts ended every one (`bench/rss` saw it at scale: PERFORMANCE.md). Now two
+/// read at once and the other two wait their turn.
+#[tokio::test]
+async fn answers_of_declared_length_wait_their_turn_instead_of_starving_each_other() {
+    const ANSWER: usize = 470_000;
+    let pause = Duration::from_millis(500);
+    let server =
+        Recorder::mcp(move |_, call: &Value| slow_large_result(&call["id"], ANSWER, pause, Length::Declared)).await;
+    let clients = clients_with_budget(&server, 1_000_000);
+    let client = clients.get("plain").unwrap();
+    // Each caller lets go of its result at once, so the bytes go back as each call ends.
+    let call = || async {
+        let called = client.call_tool("echo", Default::default(), None, Duration::from_secs(4)).await;
+        called.map(|called| called.result["content"][0]["text"].as_str().map(str::len))
+    };
+    let outcomes = futures::future::join_all((0..4).map(|_| call())).await;
+    for outcome in outcomes {
+        match outcome {
+            Ok(length) => assert_eq!(length, Some(ANSWER)),
+            Err(e) => panic!("every answer fits the budget in turn, but one failed: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn many_large_answers_at_once_stay_within_the_response_budget() {
     const ANSWER: usize = 400_000;
     const BUDGET: u64 = 1_000_000;
     const JOBS: usize = 12;
-    let server =
-        Recorder::mcp(|_, call: &Value| slow_large_result(&call["id"], ANSWER, Duration::from_millis(300))).await;
+    let server = Recorder::mcp(|_, call: &Value| {
+        slow_large_result(&call["id"], ANSWER, Duration::from_millis(300), Length::Chunked)
+    })
+    .await;
     let app = spawn_app_with(
         &format!("{}/mcp", server.base),
         &[

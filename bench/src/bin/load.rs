@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(args.jobs);
     let (mut first, mut last, mut first_sent) = (None, None, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut ok = 0usize;
     while latencies.len() < args.jobs {
         let reply = tokio::select! {
             reply = consumer.next() => reply,
@@ -107,6 +108,9 @@ async fn main() -> anyhow::Result<()> {
         let index: usize =
             reply.properties.correlation_id().as_ref().and_then(|c| c.as_str().parse().ok()).unwrap_or(usize::MAX);
         if let Some(at) = sent.remove(&index) {
+            // Replies are counted whatever they say; how many said "ok" is printed apart.
+            let status = serde_json::from_slice::<serde_json::Value>(&reply.data).ok().map(|r| r["status"].clone());
+            ok += usize::from(status.is_some_and(|status| status == "ok"));
             latencies.push(now - at);
             first.get_or_insert(now);
             last = Some(now);
@@ -124,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         json!({
-            "jobs": args.jobs, "seconds": seconds, "jobs_per_s": jobs_per_s,
+            "jobs": args.jobs, "ok": ok, "seconds": seconds, "jobs_per_s": jobs_per_s,
             "latency_ms": { "p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99), "max": percentile(1.0) },
         })
     );

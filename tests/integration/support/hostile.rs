@@ -169,20 +169,32 @@ pub fn redirect(status: u16, to: &str) -> Response {
     Response::builder().status(status).header("location", to).body(Body::empty()).unwrap()
 }
 
+/// Whether a response declares its length up front.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    Declared,
+    Chunked,
+}
+
 /// A JSON-RPC result answering the request `id` with one text block of `size` bytes, sent in two
-/// halves `pause` apart and without a Content-Length, so a client holds the first half while it
-/// waits for the second.
-pub fn slow_large_result(id: &serde_json::Value, size: usize, pause: std::time::Duration) -> Response {
+/// halves `pause` apart, so a client holds the first half while it waits for the second; with
+/// or without a Content-Length.
+pub fn slow_large_result(id: &serde_json::Value, size: usize, pause: std::time::Duration, length: Length) -> Response {
     let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "result": {
         "content": [{ "type": "text", "text": "x".repeat(size) }],
     }})
     .to_string()
     .into_bytes();
-    let second = Bytes::from(body[body.len() / 2..].to_vec());
-    let first = Bytes::from(body[..body.len() / 2].to_vec());
+    let total = body.len();
+    let second = Bytes::from(body[total / 2..].to_vec());
+    let first = Bytes::from(body[..total / 2].to_vec());
     let halves = futures::stream::iter([(first, Duration::ZERO), (second, pause)]).then(|(half, pause)| async move {
         tokio::time::sleep(pause).await;
         Ok::<_, std::io::Error>(half)
     });
-    Response::builder().status(200).header("content-type", "application/json").body(Body::from_stream(halves)).unwrap()
+    let mut response = Response::builder().status(200).header("content-type", "application/json");
+    if length == Length::Declared {
+        response = response.header("content-length", total);
+    }
+    response.body(Body::from_stream(halves)).unwrap()
 }
