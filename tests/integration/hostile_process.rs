@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    Flavor, McpServer, header, spawn_app, spawn_app_from, spawn_app_with, spawn_worker, terminate, test_settings,
-    wait_until, worker_env,
+    Flavor, McpServer, TestApp, header, spawn_app, spawn_app_from, spawn_app_with, spawn_worker, terminate,
+    test_settings, wait_until, worker_env,
 };
 
 /// How long a test waits for something that must happen (a failure bound, not a measurement).
@@ -208,6 +208,15 @@ async fn a_job_whose_handler_panics_is_requeued_counted_and_dead_lettered_at_the
     app.stop().await;
 }
 
+/// A running app with `overrides` for its HTTP listener, and the listener's `host:port`, for
+/// tests that speak raw TCP to it. The MCP server only has to exist; keep it alive.
+async fn app_for_the_listener(overrides: &[(&str, serde_json::Value)]) -> (McpServer, TestApp, String) {
+    let server = McpServer::spawn(Flavor::V2Json).await;
+    let app = spawn_app_with(&server.url(), overrides).await;
+    let addr = app.api.trim_start_matches("http://").to_owned();
+    (server, app, addr)
+}
+
 /// Reads until the peer closes the connection (end of stream or reset); returns what came.
 async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     let mut received = Vec::new();
@@ -222,13 +231,8 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
 
 #[tokio::test]
 async fn two_hundred_half_sent_requests_are_closed_by_the_listener_and_it_still_answers() {
-    let server = McpServer::spawn(Flavor::V2Json).await;
-    let app = spawn_app_with(
-        &server.url(),
-        &[("http.header_read_timeout_ms", json!(500)), ("http.body_read_timeout_ms", json!(500))],
-    )
-    .await;
-    let addr = app.api.trim_start_matches("http://").to_owned();
+    let overrides = [("http.header_read_timeout_ms", json!(500)), ("http.body_read_timeout_ms", json!(500))];
+    let (_server, app, addr) = app_for_the_listener(&overrides).await;
     let mut slow = Vec::new();
     for i in 0..200 {
         let mut stream = TcpStream::connect(&addr).await.unwrap();
@@ -263,13 +267,8 @@ async fn two_hundred_half_sent_requests_are_closed_by_the_listener_and_it_still_
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_and_served_again_once_one_is_free() {
-    let server = McpServer::spawn(Flavor::V2Json).await;
-    let app = spawn_app_with(
-        &server.url(),
-        &[("http.max_connections", json!(10)), ("http.header_read_timeout_ms", json!(600_000))],
-    )
-    .await;
-    let addr = app.api.trim_start_matches("http://").to_owned();
+    let overrides = [("http.max_connections", json!(10)), ("http.header_read_timeout_ms", json!(600_000))];
+    let (_server, app, addr) = app_for_the_listener(&overrides).await;
     let mut held = Vec::new();
     for _ in 0..10 {
         let mut stream = TcpStream::connect(&addr).await.unwrap();

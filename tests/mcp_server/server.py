@@ -235,17 +235,25 @@ class RequestLogMiddleware:
 FAULT_MODES = ("500", "hang", "drop", "broken_sse")
 
 
+def _tools_call(body: bytes) -> dict | None:
+    """The JSON-RPC message in `body` if it is a tools/call request, else None."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or payload.get("method") != "tools/call":
+        return None
+    return payload
+
+
 def _refusal(scope: dict, body: bytes) -> tuple[int, dict] | None:
     """(status, JSON body) when a tools/call carries a token this server refuses."""
     token = ""
     for name, value in scope.get("headers", []):
         if name.lower() == b"x-qlik-access-token":
             token = value.decode("latin-1")
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(payload, dict) or payload.get("method") != "tools/call":
+    payload = _tools_call(body)
+    if payload is None:
         return None
     params = payload.get("params")
     tool = params.get("name") if isinstance(params, dict) else None
@@ -361,11 +369,8 @@ class FaultMiddleware:
 
     def _fault(self, body: bytes) -> tuple[str, Any] | None:
         """Count a `flaky` tools/call; return (mode, request id) if this attempt is to fail."""
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(payload, dict) or payload.get("method") != "tools/call":
+        payload = _tools_call(body)
+        if payload is None:
             return None
         params = payload.get("params")
         if not isinstance(params, dict) or params.get("name") != "flaky":
