@@ -48,6 +48,9 @@ pub struct Config {
     pub error_style: ErrorStyle,
     /// Usernames accepted by the login form; empty = any non-empty username.
     pub users: Vec<String>,
+    /// How long a successful refresh is answered after the refresh token was rotated: a slow
+    /// provider, or a slow network on the way back.
+    pub refresh_answer_delay: Duration,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             code_ttl: Duration::from_secs(60),
             error_style: ErrorStyle::Rfc,
             users: Vec::new(),
+            refresh_answer_delay: Duration::ZERO,
         }
     }
 }

@@ -14,11 +14,22 @@ use crate::grants::TokenResponse;
 use crate::request::{Params, authenticated_form};
 
 pub(crate) async fn token(State(server): State<OAuthServer>, headers: HeaderMap, body: Bytes) -> Response {
+    let (response, rotated) = answer(&server, &headers, &body);
+    // A slow provider's answer comes after it rotated the refresh token: a client that stops
+    // waiting (or dies) now has lost the only live refresh token of the grant.
+    if rotated && !server.config.refresh_answer_delay.is_zero() {
+        tokio::time::sleep(server.config.refresh_answer_delay).await;
+    }
+    response
+}
+
+/// The answer to one token request, and whether it rotated a refresh token.
+fn answer(server: &OAuthServer, headers: &HeaderMap, body: &Bytes) -> (Response, bool) {
     let mut state = server.lock();
 
     // Count refresh attempts before anything can reject them: rate-cap checks are about
     // what the client sent, not about what succeeded.
-    let peek = Params::parse(&body);
+    let peek = Params::parse(body);
     let grant_type = peek.get("grant_type");
     if grant_type == Some("refresh_token") {
         state.stats.refresh_requests += 1;
@@ -39,11 +50,11 @@ pub(crate) async fn token(State(server): State<OAuthServer>, headers: HeaderMap,
         if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        return response;
+        return (response, false);
     }
 
     let config = &server.config;
-    let result = authenticated_form(config, &headers, &body).and_then(|(params, client_id)| {
+    let result = authenticated_form(config, headers, body).and_then(|(params, client_id)| {
         let issued: TokenResponse = match params.require("grant_type")? {
             "authorization_code" => {
                 let code = params.require("code")?;
@@ -68,10 +79,10 @@ pub(crate) async fn token(State(server): State<OAuthServer>, headers: HeaderMap,
         Ok(issued)
     });
     match result {
-        Ok(issued) => no_store_json(StatusCode::OK, &issued),
+        Ok(issued) => (no_store_json(StatusCode::OK, &issued), grant_type == Some("refresh_token")),
         Err(error) => {
             tracing::debug!(error = error.error, description = %error.description, "token request rejected");
-            error.into_response()
+            (error.into_response(), false)
         }
     }
 }
