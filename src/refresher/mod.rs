@@ -13,6 +13,9 @@
 //! 3. write: only if the document still holds the claimed version, refresh token and owner
 //!    (compare-and-swap). The same fence guards marking `reauth_required` after a permanent
 //!    failure, which is the "re-read, then mark only if unchanged" rule done atomically.
+//!
+//! On shutdown it drains (see [`Refresher::run`]): a refresh the provider has answered is always
+//! written, since with rotation its answer holds the grant's only live refresh token.
 
 mod policy;
 mod rate;
@@ -110,49 +113,59 @@ impl Refresher {
         }
     }
 
-    /// Scans on a schedule and serves refresh requests until `shutdown`; refreshes in flight
-    /// finish first (each is bounded by the provider request timeout).
+    /// Scans on a schedule and serves refresh requests until `shutdown`, then drains: nothing new
+    /// is claimed, the refreshes in flight finish and write their results (each is bounded by
+    /// the provider request timeout), and only then does this return. A refresh cut off between
+    /// the provider's answer and the write would lose the rotated refresh token, and a strict
+    /// provider revokes the grant when the old one is presented next.
+    ///
+    /// tokio-cron-scheduler only rings: its job asks the one scan loop here for a scan, so scans
+    /// never overlap (the start-up scan included) and every scan is one this function awaits.
     pub(crate) async fn run(
         self: Arc<Self>,
         broker: Broker,
         requests: Consumer,
         shutdown: CancellationToken,
     ) -> Result<(), RefresherError> {
-        let scanning = Arc::new(tokio::sync::Mutex::new(()));
-        let scheduler = JobScheduler::new().await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
-        let refresher = self.clone();
+        // Capacity one: ticks while a scan runs fold into one scan after it.
+        let (ring, mut rung) = tokio::sync::mpsc::channel::<()>(1);
+        let mut scheduler = JobScheduler::new().await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
         let job = Job::new_repeated_async(self.config.interval, move |_, _| {
-            let refresher = refresher.clone();
-            let scanning = scanning.clone();
-            Box::pin(async move {
-                // A scan still running (a large backlog) is not joined by a second one.
-                let Ok(_guard) = scanning.try_lock() else { return };
-                refresher.scan_and_log().await;
-            })
+            let _ = ring.try_send(());
+            Box::pin(async {})
         })
         .map_err(|e| RefresherError::Scheduler(e.to_string()))?;
         scheduler.add(job).await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
         scheduler.start().await.map_err(|e| RefresherError::Scheduler(e.to_string()))?;
-        // Catch up at start rather than waiting a whole interval.
-        let first = tokio::spawn(self.clone().scan_and_log_owned());
+        let scans = {
+            let (refresher, shutdown) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                // The first scan at once, to catch up rather than wait a whole interval.
+                loop {
+                    refresher.scan_and_log(&shutdown).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        rang = rung.recv() => if rang.is_none() { return },
+                    }
+                }
+            })
+        };
 
         let handle = |request| {
-            let refresher = self.clone();
-            async move { refresher.handle_request(request).await }
+            let (refresher, shutdown) = (self.clone(), shutdown.clone());
+            async move { refresher.handle_request(request, &shutdown).await }
         };
+        // Returns once `shutdown` fired, after the request in hand is done.
         serve_requests(&broker, requests, &shutdown, &self.config.requests, handle).await;
-        let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
-        let _ = first.await;
+        if let Err(e) = scans.await {
+            tracing::error!(error = %e, "the refresh scan task failed");
+        }
         Ok(())
     }
 
-    async fn scan_and_log_owned(self: Arc<Self>) {
-        self.scan_and_log().await;
-    }
-
-    async fn scan_and_log(self: &Arc<Self>) {
-        match self.scan(Utc::now()).await {
+    async fn scan_and_log(self: &Arc<Self>, shutdown: &CancellationToken) {
+        match self.scan(Utc::now(), shutdown).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(tokens = n, "refresh scan done"),
             Err(e) => tracing::warn!(error = %e, "refresh scan failed; retrying at the next interval"),
@@ -161,7 +174,12 @@ impl Refresher {
 
     /// Refreshes every token due at `now`; returns how many were attempted. Counts the backlog
     /// first, for the metrics.
-    pub(crate) async fn scan(self: &Arc<Self>, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    /// Once `shutdown` fires it starts no more, and returns when those started have finished.
+    pub(crate) async fn scan(
+        self: &Arc<Self>,
+        now: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) -> Result<usize, StoreError> {
         let until = crate::dates::after(now, self.config.lead);
         match self.tokens.backlog(now, until).await {
             Ok(counts) => self.metrics.backlog(backlog(now, self.config.lead, counts)),
@@ -171,10 +189,14 @@ impl Refresher {
         let count = due.len();
         let mut running = JoinSet::new();
         for token in due {
-            let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let refresher = self.clone();
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                slot = self.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            };
+            let (refresher, shutdown) = (self.clone(), shutdown.clone());
             running.spawn(async move {
-                let outcome = refresher.refresh(&token).await;
+                let outcome = refresher.refresh(&token, &shutdown).await;
                 drop(slot);
                 outcome
             });
@@ -184,10 +206,12 @@ impl Refresher {
     }
 
     /// One worker request: refresh the user's token if it is for this refresher's provider.
-    async fn handle_request(&self, request: RefreshRequest) {
+    async fn handle_request(&self, request: RefreshRequest, shutdown: &CancellationToken) {
         if request.provider != self.oauth.provider() {
             tracing::warn!("refresh request for a provider this refresher does not serve");
-        } else if let Err(e) = self.refresh_user(&request.user_id, request.needed_until, request.refused).await {
+        } else if let Err(e) =
+            self.refresh_user(&request.user_id, request.needed_until, request.refused, shutdown).await
+        {
             tracing::warn!(error = %e, "refresh request failed; the scan will retry");
         }
     }
@@ -199,6 +223,7 @@ impl Refresher {
         user_id: &str,
         needed_until: DateTime<Utc>,
         refused: bool,
+        shutdown: &CancellationToken,
     ) -> Result<Option<RefreshOutcome>, StoreError> {
         let Some(token) = self.tokens.get(user_id).await? else { return Ok(None) };
         let needed =
@@ -208,12 +233,18 @@ impl Refresher {
         }
         let due = DueToken { user_id: token.user_id, version: token.version };
         let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
-        Ok(Some(self.refresh(&due).await))
+        Ok(self.refresh(&due, shutdown).await)
     }
 
-    /// One claim → refresh → fenced write.
+    /// One claim → refresh → fenced write; `None` when `shutdown` fired before the claim (while
+    /// it waited for the rate limiter), so nothing was tried.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn refresh(&self, due: &DueToken) -> RefreshOutcome {
+    pub(crate) async fn refresh(&self, due: &DueToken, shutdown: &CancellationToken) -> Option<RefreshOutcome> {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            _ = self.limiter.acquire() => {}
+        }
         let outcome = match self.try_refresh(due).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -222,11 +253,12 @@ impl Refresher {
             }
         };
         self.metrics.refreshed(outcome.as_str());
-        outcome
+        Some(outcome)
     }
 
+    /// Between the provider's answer and the fenced write there is no await but the write's own:
+    /// that is the window in which a killed process loses a rotated refresh token.
     async fn try_refresh(&self, due: &DueToken) -> Result<RefreshOutcome, StoreError> {
-        self.limiter.acquire().await;
         let now = Utc::now();
         let lease_until = crate::dates::after(now, self.config.lease);
         let Some(claimed) = self.tokens.claim(due, &self.owner, now, lease_until).await? else {

@@ -5,10 +5,12 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
+use mcp_worker::config::Settings;
 use mcp_worker::crypto::TokenCipher;
 use mcp_worker::provider::Provider;
 use mcp_worker::secret::Secret;
-use mcp_worker::store::{NewTokens, Store};
+use mcp_worker::store::{NewTokens, Store, TokenStatus, TokenStore};
+use oauth_test_server::{IssuedTokens, OAuthServer};
 use serde_json::{Value, json};
 
 use crate::support::{
@@ -136,16 +138,15 @@ async fn a_job_whose_token_cannot_be_renewed_in_time_gets_token_unavailable() {
     assert!(server.tool_calls().is_empty());
 }
 
-#[tokio::test]
-async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token() {
-    let (oauth, provider) = spawn_oauth(|_| {}).await;
-    let settings = test_settings(NO_MCP, &provider);
+/// `count` users (`user-0`…) with a grant at `oauth` each, stored as connected and due for
+/// refresh (two minutes left, inside the default lead time); the store and the grants' tokens.
+async fn connected_users(oauth: &OAuthServer, settings: &Settings, count: usize) -> (TokenStore, Vec<IssuedTokens>) {
     let store = Store::connect(&settings.mongodb).await.unwrap();
     store.migrate(&mcp_worker::store::embedded_migrations().unwrap()).await.unwrap();
     let cipher = std::sync::Arc::new(TokenCipher::from_settings(&settings.encryption).unwrap());
     let tokens = store.tokens(Provider::Qlik, &cipher);
     let mut issued = Vec::new();
-    for user in 0..200 {
+    for user in 0..count {
         let grant = oauth.issue_grant(&format!("user-{user}"), "offline_access", Duration::from_secs(120));
         let new = NewTokens {
             access_token: Secret::new(grant.access_token.clone()),
@@ -155,6 +156,14 @@ async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token
         tokens.save(&format!("user-{user}"), &new, Utc::now()).await.unwrap();
         issued.push(grant);
     }
+    (tokens, issued)
+}
+
+#[tokio::test]
+async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token() {
+    let (oauth, provider) = spawn_oauth(|_| {}).await;
+    let settings = test_settings(NO_MCP, &provider);
+    let (tokens, issued) = connected_users(&oauth, &settings, 200).await;
 
     let mut extra = provider.clone();
     // Three processes on one host: each binds its health and metrics listener on a port of its own.
@@ -182,5 +191,67 @@ async fn three_processes_share_200_tokens_and_never_present_a_used_refresh_token
         let stored = tokens.get(&format!("user-{user}")).await.unwrap().unwrap();
         assert_ne!(stored.refresh_token.expose(), &grant.refresh_token);
         assert!(oauth.refresh_token_active(stored.refresh_token.expose()), "user-{user} holds a live refresh token");
+    }
+}
+
+/// A rolling deploy SIGTERMs refreshers while refreshes are in flight. A strict provider rotates
+/// the refresh token when it answers; a refresher that exits before writing the new one leaves
+/// the old one stored, the next refresher presents it, and the provider revokes the grant. So a
+/// SIGTERMed refresher claims nothing new but finishes and writes the refreshes in flight, and
+/// exits well inside the grace period. Tokens here live 60 s, inside the 600 s lead time, so
+/// every scan finds all ten due and every SIGTERM lands among answers the provider takes 1 s to
+/// send.
+#[tokio::test]
+async fn sigterm_during_slow_refreshes_never_costs_a_user_their_grant() {
+    const USERS: usize = 10;
+    const ROUNDS: usize = 8;
+    let grace = Duration::from_secs(30);
+    let (oauth, provider) = spawn_oauth(|config| {
+        config.refresh_answer_delay = Duration::from_secs(1);
+        config.access_token_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let settings = test_settings(NO_MCP, &provider);
+    let (tokens, _) = connected_users(&oauth, &settings, USERS).await;
+    let mut extra = provider.clone();
+    extra.extend([
+        ("refresher.interval_secs", json!(1)),
+        ("telemetry.filter", json!("warn")),
+        ("http.listen", json!("127.0.0.1:0")),
+        ("worker.shutdown_grace_secs", json!(grace.as_secs())),
+    ]);
+    let env = worker_env(&settings, &extra);
+
+    for round in 0..ROUNDS {
+        let before = oauth.stats().refresh_requests;
+        let mut process = spawn_worker(&["run", "--roles", "refresher"], &env, Stdio::inherit());
+        wait_until("a refresh is in flight", || async { oauth.stats().refresh_requests > before }).await;
+        let _ = std::process::Command::new("kill").arg(process.id().to_string()).status();
+        let exited = tokio::task::spawn_blocking(move || {
+            let until = std::time::Instant::now() + grace;
+            while std::time::Instant::now() < until {
+                if let Some(status) = process.try_wait().unwrap() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = process.kill();
+            let _ = process.wait();
+            None
+        })
+        .await
+        .unwrap();
+        let status = exited.unwrap_or_else(|| panic!("round {round}: still running {grace:?} after SIGTERM"));
+        assert!(status.success(), "round {round}: {status}");
+    }
+
+    let stats = oauth.stats();
+    assert!(stats.refresh_successes >= ROUNDS as u64, "refreshes were in flight: {stats:?}");
+    assert_eq!(stats.refresh_token_reuse, 0, "a rotated-away refresh token was presented: {stats:?}");
+    assert_eq!(stats.grants_revoked, 0, "{stats:?}");
+    for user in 0..USERS {
+        let stored = tokens.get(&format!("user-{user}")).await.unwrap().unwrap();
+        assert_eq!(stored.status, TokenStatus::Active, "user-{user}");
+        assert!(oauth.refresh_token_active(stored.refresh_token.expose()), "user-{user} holds the live refresh token");
     }
 }
