@@ -39,7 +39,7 @@ use crate::messages::{RefreshRequest, TokenEventKind};
 use crate::metrics::Metrics;
 use crate::oauth::{FailureKind, OAuthClient};
 use crate::queue::{Broker, Consumer};
-use crate::store::{DueToken, StoreError, TokenStatus, TokenStore};
+use crate::store::{DueToken, Leased, StoreError, TokenStatus, TokenStore, UnreadableToken};
 
 #[derive(Debug, Clone)]
 pub(crate) struct RefresherConfig {
@@ -261,8 +261,10 @@ impl Refresher {
     async fn try_refresh(&self, due: &DueToken) -> Result<RefreshOutcome, StoreError> {
         let now = Utc::now();
         let lease_until = crate::dates::after(now, self.config.lease);
-        let Some(claimed) = self.tokens.claim(due, &self.owner, now, lease_until).await? else {
-            return Ok(RefreshOutcome::NotClaimed);
+        let claimed = match self.tokens.claim(due, &self.owner, now, lease_until).await? {
+            None => return Ok(RefreshOutcome::NotClaimed),
+            Some(Leased::Unreadable(token)) => return self.retire_unreadable(&token).await,
+            Some(Leased::Token(claimed)) => claimed,
         };
         match self.oauth.refresh(&claimed.refresh_token, Utc::now()).await {
             Ok(tokens) => {
@@ -310,6 +312,18 @@ impl Refresher {
                 }
             },
         }
+    }
+
+    /// A token that cannot be read leaves the refresher's queue once, as `reauth_required` with
+    /// the event and its reason, instead of being claimed and given up at every lease.
+    async fn retire_unreadable(&self, token: &UnreadableToken) -> Result<RefreshOutcome, StoreError> {
+        if !self.tokens.retire_unreadable(token, Utc::now()).await? {
+            return Ok(RefreshOutcome::Superseded);
+        }
+        tracing::warn!(problem = %token.problem, "a stored token cannot be read; the user must reconnect");
+        let reason = format!("the stored token cannot be read ({}); connect again", token.problem);
+        self.events.emit(TokenEventKind::ReauthRequired, self.oauth.provider(), &token.user_id, &reason).await;
+        Ok(RefreshOutcome::ReauthRequired)
     }
 }
 

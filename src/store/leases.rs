@@ -8,7 +8,7 @@ use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
 
 use super::StoreError;
-use super::tokens::{NewTokens, TokenStatus, TokenStore, bson_date, chrono_date};
+use super::tokens::{NewTokens, TokenStatus, TokenStore, bson_date, chrono_date, decode};
 use crate::secret::Secret;
 
 /// A token the refresher may renew.
@@ -27,6 +27,24 @@ pub struct DueCounts {
     pub overdue: u64,
     /// The earliest expiry among the due ones.
     pub earliest: Option<DateTime<Utc>>,
+}
+
+/// What a claim took the lease on.
+#[derive(Debug)]
+pub enum Leased {
+    Token(ClaimedToken),
+    /// A document this code cannot read: sealed under a key no longer configured, damaged, or of
+    /// the wrong shape (written by older code or by hand).
+    Unreadable(UnreadableToken),
+}
+
+/// A leased token document that cannot be read; `problem` names the field, never a value.
+#[derive(Debug)]
+pub struct UnreadableToken {
+    pub(crate) user_id: String,
+    pub(crate) problem: String,
+    version: i64,
+    owner: String,
 }
 
 /// A token this replica holds the lease on. Writes made with it succeed only while the document
@@ -116,7 +134,7 @@ impl TokenStore {
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-    ) -> Result<Option<ClaimedToken>, StoreError> {
+    ) -> Result<Option<Leased>, StoreError> {
         let filter = doc! {
             "user_id": &due.user_id,
             "version": due.version,
@@ -127,18 +145,47 @@ impl TokenStore {
             "$set": { "lease_owner": owner, "lease_until": bson_date(lease_until) },
             "$inc": { "version": 1_i64 },
         };
-        let claimed =
-            self.collection.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
-        let Some(d) = claimed else { return Ok(None) };
-        Ok(Some(ClaimedToken {
-            refresh_token: self.open(&d.user_id, "refresh_token", &d.refresh_token)?,
-            expires_at: chrono_date(d.expires_at),
-            failures: d.refresh_failures,
-            version: d.version,
-            sealed_refresh_token: d.refresh_token,
-            owner: owner.to_owned(),
-            user_id: d.user_id,
-        }))
+        // Claimed as a plain document, so that one this code cannot read is leased too, and can
+        // be retired under the lease rather than retried by every replica at every lease.
+        let claimed = self.raw.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
+        let Some(raw) = claimed else { return Ok(None) };
+        let version = raw.get_i64("version").unwrap_or(due.version.saturating_add(1));
+        let read = decode(raw).and_then(|d| Ok((self.open(&d.user_id, "refresh_token", &d.refresh_token)?, d)));
+        match read {
+            Ok((refresh_token, d)) => Ok(Some(Leased::Token(ClaimedToken {
+                refresh_token,
+                expires_at: chrono_date(d.expires_at),
+                failures: d.refresh_failures,
+                version: d.version,
+                sealed_refresh_token: d.refresh_token,
+                owner: owner.to_owned(),
+                user_id: d.user_id,
+            }))),
+            Err(StoreError::Unreadable(problem)) => Ok(Some(Leased::Unreadable(UnreadableToken {
+                user_id: due.user_id.clone(),
+                version,
+                owner: owner.to_owned(),
+                problem,
+            }))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Marks a leased token that cannot be read `reauth_required`, if the lease still holds:
+    /// no retry makes it readable, only the user connecting again. `false` when it moved on.
+    #[tracing::instrument(skip_all)]
+    pub(crate) async fn retire_unreadable(
+        &self,
+        token: &UnreadableToken,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let filter = doc! { "user_id": &token.user_id, "version": token.version, "lease_owner": &token.owner };
+        let update = doc! {
+            "$set": { "status": TokenStatus::ReauthRequired.as_str(), "updated_at": bson_date(now) },
+            "$inc": { "version": 1_i64 },
+            "$unset": { "lease_owner": "", "lease_until": "" },
+        };
+        Ok(self.raw.update_one(filter, update).await?.modified_count == 1)
     }
 
     /// The filter of every write made under a lease: same version, same refresh token, same owner.

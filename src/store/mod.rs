@@ -17,7 +17,7 @@ use std::time::Duration;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
-pub use leases::{ClaimedToken, DueCounts, DueToken};
+pub use leases::{ClaimedToken, DueCounts, DueToken, Leased, UnreadableToken};
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
 pub(crate) use results::{Claim, ResultStore};
 pub(crate) use states::{PendingConnect, StateStore};

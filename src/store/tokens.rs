@@ -104,7 +104,7 @@ impl TokenStores {
 /// Reads a stored document. One of the wrong shape (written by older code or by hand: a date
 /// stored as a string, a missing field) is `Unreadable`, naming the field, like a value whose
 /// seal cannot be opened: no retry will make it readable, only the user reconnecting.
-fn decode(raw: Document) -> Result<TokenDocument, StoreError> {
+pub(super) fn decode(raw: Document) -> Result<TokenDocument, StoreError> {
     serde_path_to_error::deserialize(bson::Deserializer::new(bson::Bson::Document(raw))).map_err(|e| {
         // serde's message quotes the value it found, which for a token field may be the token
         // itself: only the field's name and the expected type are kept.

@@ -255,3 +255,50 @@ async fn sigterm_during_slow_refreshes_never_costs_a_user_their_grant() {
         assert!(oauth.refresh_token_active(stored.refresh_token.expose()), "user-{user} holds the live refresh token");
     }
 }
+
+/// A due token the refresher cannot read (a value not sealed by any configured key, a field of
+/// the wrong type) is retired once: `reauth_required` in the database, with the event and the
+/// reason, and the provider never asked. Before, it was claimed, given up and retried at every
+/// lease, by every replica, for ever, and stayed in the backlog gauges.
+#[tokio::test]
+async fn a_due_token_that_cannot_be_read_is_retired_once_with_the_event() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &quick_refresher()).await;
+    let events = fx.app.watch_events().await;
+    let collection = fx.app.db.collection::<mongodb::bson::Document>("qlik_tokens");
+    let soon = mongodb::bson::DateTime::from_millis((Utc::now() + chrono::Duration::seconds(120)).timestamp_millis());
+    let now = mongodb::bson::DateTime::now();
+    let unreadable = [
+        ("user-seal", mongodb::bson::doc! { "access_token": "not-sealed", "refresh_token": "not-sealed" }),
+        ("user-shape", mongodb::bson::doc! { "access_token": 12345_i64, "refresh_token": "r" }),
+    ];
+    for (user, mut document) in unreadable.clone() {
+        document.extend(mongodb::bson::doc! {
+            "user_id": user, "expires_at": soon, "created_at": now, "updated_at": now, "version": 1_i64,
+        });
+        collection.insert_one(document).await.unwrap();
+    }
+
+    let mut retired = std::collections::BTreeMap::new();
+    for _ in 0..unreadable.len() {
+        let (key, event) = fx.app.next_event(&events).await;
+        assert_eq!(key, "token.reauth_required", "{event}");
+        retired.insert(event["user_id"].as_str().unwrap().to_owned(), event["reason"].as_str().unwrap().to_owned());
+    }
+    assert!(retired["user-shape"].contains("access_token"), "the reason names the field: {retired:?}");
+    assert!(!retired["user-shape"].contains("12345"), "never a stored value: {retired:?}");
+    for (user, _) in &unreadable {
+        let stored = collection.find_one(mongodb::bson::doc! { "user_id": user }).await.unwrap().unwrap();
+        assert_eq!(stored.get_str("status").unwrap(), "reauth_required", "{user}: {stored}");
+        assert!(!stored.contains_key("lease_owner"), "{user}: the lease was given back");
+    }
+    // Several more scans (one a second) find nothing due: retired once, never retried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fx.oauth.stats().refresh_requests, 0, "the provider is never asked");
+    let metrics = reqwest::get(format!("{}/metrics", fx.app.api)).await.unwrap().text().await.unwrap();
+    let line = |name: &str| metrics.lines().find(|l| l.starts_with(name)).map(str::to_owned);
+    assert_eq!(
+        line("mcp_worker_token_refreshes_total{outcome=\"reauth_required\"}").as_deref(),
+        Some("mcp_worker_token_refreshes_total{outcome=\"reauth_required\"} 2"),
+        "{metrics}"
+    );
+}
