@@ -1,20 +1,60 @@
 //! A user's connection: its status, and disconnecting it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiState, problem};
 use crate::messages::{ConnectionStatus, TokenEventKind};
 
-/// `GET /v1/connections/{provider}/{user_id}`: never includes a token value.
+/// The connection a request names: the provider from the path, the user from the `user_id`
+/// query parameter (`/v1/connections/{provider}?user_id=…`, which any id fits), or, for v1
+/// callers, from the path (`/v1/connections/{provider}/{user_id}`, where an id that is a route
+/// word, `callback` or `authorize`, reaches that route instead, and `.` or `..` no route at all:
+/// URL parsers resolve them as dot-segments, even percent-encoded).
+pub(super) struct Named {
+    provider: String,
+    user_id: String,
+}
+
+#[derive(serde::Deserialize)]
+struct UserQuery {
+    user_id: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Named {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let Path(mut params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let provider = params.remove("provider").unwrap_or_default();
+        let user_id = match params.remove("user_id") {
+            Some(user_id) => user_id,
+            None => match Query::<UserQuery>::from_request_parts(parts, state).await {
+                Ok(Query(query)) => query.user_id,
+                Err(_) => return Err(problem(StatusCode::BAD_REQUEST, "the user_id query parameter is required")),
+            },
+        };
+        if !crate::job::usable_id(&user_id) {
+            return Err(problem(StatusCode::BAD_REQUEST, "user_id must be 1 to 255 bytes and not blank"));
+        }
+        Ok(Self { provider, user_id })
+    }
+}
+
+/// `GET /v1/connections/{provider}?user_id=…` (or v1's `/{provider}/{user_id}`): never includes a
+/// token value.
 #[tracing::instrument(skip_all)]
 pub(super) async fn status(
     State(api): State<Arc<ApiState>>,
-    Path((provider, user_id)): Path<(String, String)>,
+    Named { provider, user_id }: Named,
     headers: HeaderMap,
 ) -> Response {
     let (provider, _) = match api.internal(&headers, &provider) {
@@ -30,12 +70,12 @@ pub(super) async fn status(
     }
 }
 
-/// `DELETE /v1/connections/{provider}/{user_id}`: revokes at the provider (best effort), deletes,
-/// and answers 204 whether or not anything was stored.
+/// `DELETE /v1/connections/{provider}?user_id=…` (or v1's `/{provider}/{user_id}`): revokes at the
+/// provider (best effort), deletes, and answers 204 whether or not anything was stored.
 #[tracing::instrument(skip_all)]
 pub(super) async fn disconnect(
     State(api): State<Arc<ApiState>>,
-    Path((provider, user_id)): Path<(String, String)>,
+    Named { provider, user_id }: Named,
     headers: HeaderMap,
 ) -> Response {
     let (provider, client) = match api.internal(&headers, &provider) {

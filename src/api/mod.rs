@@ -54,6 +54,9 @@ pub(crate) fn router(state: Arc<ApiState>, connections: bool) -> Router {
         router = router
             .route("/v1/connections/{provider}/authorize", post(connect::authorize))
             .route("/v1/connections/{provider}/callback", get(connect::callback))
+            // The user in the query reaches every id; the path form stays for v1 callers (see
+            // `connections::Named` for the ids it cannot reach).
+            .route("/v1/connections/{provider}", get(connections::status).delete(connections::disconnect))
             .route("/v1/connections/{provider}/{user_id}", get(connections::status).delete(connections::disconnect))
             .route("/v1/connected", get(connect::landing));
     }

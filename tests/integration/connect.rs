@@ -154,3 +154,33 @@ async fn the_status_of_a_token_sealed_under_a_retired_key_is_reauth_required() {
 
     assert_eq!(fx.app.connection_status("alice").await, json!({ "connected": true, "status": "reauth_required" }));
 }
+
+/// Every valid user id can be asked about and disconnected, the route words, dot-segments and
+/// reserved characters included, through `/v1/connections/{provider}?user_id=…`; v1's
+/// `/v1/connections/{provider}/{user_id}` keeps working for other ids; a blank id is a 400.
+#[tokio::test]
+async fn every_user_id_is_reachable_for_status_and_disconnect() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[]).await;
+    let http = reqwest::Client::new();
+    for user in ["callback", "authorize", "confirm", "users", "a/b c?d#e%f", "élan", "..", "x%2Fy"] {
+        fx.app.store_token(user, "t").await;
+        let status = fx.app.connection_status(user).await;
+        assert_eq!(status["connected"], true, "{user}: {status}");
+        assert_eq!(fx.app.disconnect(user).await, 204, "{user}");
+        assert!(fx.app.stored(user).await.is_none(), "{user}: deleted");
+        assert_eq!(fx.app.connection_status(user).await["connected"], false, "{user}");
+    }
+
+    fx.app.store_token("alice", "t").await;
+    let v1 = format!("{}/v1/connections/qlik/alice", fx.app.api);
+    let status: Value = http.get(&v1).bearer_auth(SERVICE_KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["connected"], true, "{status}");
+    assert_eq!(http.delete(&v1).bearer_auth(SERVICE_KEY).send().await.unwrap().status(), 204);
+    assert!(fx.app.stored("alice").await.is_none());
+    for blank in ["", "  "] {
+        let answer = http.get(fx.app.user_url(blank)).bearer_auth(SERVICE_KEY).send().await.unwrap();
+        assert_eq!(answer.status(), 400, "{blank:?}");
+    }
+    let answer = http.get(format!("{}/v1/connections/qlik", fx.app.api)).bearer_auth(SERVICE_KEY).send().await;
+    assert_eq!(answer.unwrap().status(), 400, "no user_id");
+}

@@ -262,17 +262,21 @@ impl TestApp {
         self.store.tokens(Provider::Qlik, &self.cipher).save(user, &tokens, chrono::Utc::now()).await.unwrap();
     }
 
-    /// `GET /v1/connections/qlik/{user}` with the service key: the user's connection status.
+    /// `GET /v1/connections/qlik?user_id={user}` with the service key: the user's connection status.
     pub async fn connection_status(&self, user: &str) -> Value {
-        let url = format!("{}/v1/connections/qlik/{user}", self.api);
-        let answer = reqwest::Client::new().get(url).bearer_auth(SERVICE_KEY).send().await.unwrap();
+        let answer = reqwest::Client::new().get(self.user_url(user)).bearer_auth(SERVICE_KEY).send().await.unwrap();
         answer.json().await.unwrap()
     }
 
-    /// `DELETE /v1/connections/qlik/{user}` with the service key; returns the HTTP status.
+    /// `DELETE /v1/connections/qlik?user_id={user}` with the service key; returns the HTTP status.
     pub async fn disconnect(&self, user: &str) -> u16 {
-        let url = format!("{}/v1/connections/qlik/{user}", self.api);
-        reqwest::Client::new().delete(url).bearer_auth(SERVICE_KEY).send().await.unwrap().status().as_u16()
+        let answer = reqwest::Client::new().delete(self.user_url(user)).bearer_auth(SERVICE_KEY).send().await;
+        answer.unwrap().status().as_u16()
+    }
+
+    /// `/v1/connections/qlik?user_id={user}`, the id percent-encoded.
+    pub fn user_url(&self, user: &str) -> reqwest::Url {
+        reqwest::Url::parse_with_params(&format!("{}/v1/connections/qlik", self.api), [("user_id", user)]).unwrap()
     }
 
     /// The user's stored tokens, decrypted.
