@@ -281,9 +281,17 @@ impl Refresher {
                     if !self.tokens.mark_reauth_required(&claimed, Utc::now()).await? {
                         return Ok(RefreshOutcome::Superseded);
                     }
-                    tracing::warn!(error = %e, "the provider refused the grant; the user must reconnect");
+                    let reason = if claimed.lapsed_lease {
+                        // Not necessarily the user's doing: an earlier refresh was cut off after
+                        // the provider may have rotated the token (see `ClaimedToken::lapsed_lease`).
+                        tracing::warn!(error = %e, lapsed_lease = true, "the provider refused the grant after an earlier refresh of it was cut off (its lease lapsed without a write): the provider may have rotated the token then; the user must reconnect");
+                        format!("{} (after an earlier refresh was cut off before its result was stored)", e.detail)
+                    } else {
+                        tracing::warn!(error = %e, "the provider refused the grant; the user must reconnect");
+                        e.detail.clone()
+                    };
                     self.events
-                        .emit(TokenEventKind::ReauthRequired, self.oauth.provider(), &claimed.user_id, &e.detail)
+                        .emit(TokenEventKind::ReauthRequired, self.oauth.provider(), &claimed.user_id, &reason)
                         .await;
                     Ok(RefreshOutcome::ReauthRequired)
                 }

@@ -57,6 +57,10 @@ pub struct ClaimedToken {
     pub(crate) expires_at: DateTime<Utc>,
     /// Transient failures in a row before this claim, for the backoff.
     pub(crate) failures: u32,
+    /// An earlier lease on this token ran out without a write: its holder stopped mid-refresh
+    /// (killed, or lost the database). If the provider had answered it, the refresh token it
+    /// rotated was lost, and the one stored is now refused as reused.
+    pub(crate) lapsed_lease: bool,
     version: i64,
     sealed_refresh_token: String,
     owner: String,
@@ -146,17 +150,20 @@ impl TokenStore {
             "$inc": { "version": 1_i64 },
         };
         // Claimed as a plain document, so that one this code cannot read is leased too, and can
-        // be retired under the lease rather than retried by every replica at every lease.
-        let claimed = self.raw.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
-        let Some(raw) = claimed else { return Ok(None) };
-        let version = raw.get_i64("version").unwrap_or(due.version.saturating_add(1));
+        // be retired under the lease rather than retried by every replica at every lease. The
+        // document as it was before the claim tells whether an earlier lease lapsed unwritten.
+        let before = self.raw.find_one_and_update(filter, update).return_document(ReturnDocument::Before).await?;
+        let Some(raw) = before else { return Ok(None) };
+        let lapsed_lease = raw.contains_key("lease_owner");
+        let version = raw.get_i64("version").unwrap_or(due.version).saturating_add(1);
         let read = decode(raw).and_then(|d| Ok((self.open(&d.user_id, "refresh_token", &d.refresh_token)?, d)));
         match read {
             Ok((refresh_token, d)) => Ok(Some(Leased::Token(ClaimedToken {
                 refresh_token,
                 expires_at: chrono_date(d.expires_at),
                 failures: d.refresh_failures,
-                version: d.version,
+                lapsed_lease,
+                version,
                 sealed_refresh_token: d.refresh_token,
                 owner: owner.to_owned(),
                 user_id: d.user_id,
@@ -237,12 +244,14 @@ impl TokenStore {
     }
 
     /// Gives the lease back after a transient failure, keeping others off the token until
-    /// `retry_at` (the lease doubles as the backoff, shared by all replicas).
+    /// `retry_at` (`lease_until` doubles as the backoff, shared by all replicas). The owner goes,
+    /// so that only a lease that lapsed unwritten leaves one behind.
     #[tracing::instrument(skip_all)]
     pub(crate) async fn release(&self, claimed: &ClaimedToken, retry_at: DateTime<Utc>) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": { "lease_until": bson_date(retry_at) },
             "$inc": { "version": 1_i64, "refresh_failures": 1_i32 },
+            "$unset": { "lease_owner": "" },
         };
         Ok(self.raw.update_one(Self::fenced(claimed), update).await?.modified_count == 1)
     }

@@ -59,6 +59,7 @@ async fn a_refused_grant_becomes_reauth_required_with_an_event_and_later_jobs_ar
     let (key, event) = fx.app.next_event(&events).await;
     assert_eq!(key, "token.reauth_required");
     assert_eq!(event["user_id"], "alice");
+    assert!(!event["reason"].as_str().unwrap().contains("cut off"), "no earlier refresh was cut off: {event}");
     assert_eq!(fx.app.connection_status("alice").await["status"], "reauth_required");
 
     fx.app.call("job-1", "alice", "qlik_whoami", json!({})).await;
@@ -301,4 +302,25 @@ async fn a_due_token_that_cannot_be_read_is_retired_once_with_the_event() {
         Some("mcp_worker_token_refreshes_total{outcome=\"reauth_required\"} 2"),
         "{metrics}"
     );
+}
+
+/// A refresher killed between the provider's answer and its write leaves the lease to lapse with
+/// its owner still on the document, and the stored refresh token was rotated away. The next
+/// refresh is refused; its log and event say an earlier refresh was cut off, so operators can
+/// tell it from the user revoking access.
+#[tokio::test]
+async fn a_refusal_after_a_lapsed_lease_says_an_earlier_refresh_was_cut_off() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &quick_refresher()).await;
+    let events = fx.app.watch_events().await;
+    // What a killed refresher leaves: a refresh token the provider no longer honours, and its
+    // lease, lapsed, with its owner.
+    fx.app.store_tokens("alice", "some-access", "rotated-away", Utc::now() + chrono::Duration::seconds(120)).await;
+    let lapsed = mongodb::bson::DateTime::from_millis((Utc::now() - chrono::Duration::seconds(5)).timestamp_millis());
+    let killed = mongodb::bson::doc! { "$set": { "lease_owner": "killed-replica", "lease_until": lapsed } };
+    let collection = fx.app.db.collection::<mongodb::bson::Document>("qlik_tokens");
+    collection.update_one(mongodb::bson::doc! { "user_id": "alice" }, killed).await.unwrap();
+
+    let (key, event) = fx.app.next_event(&events).await;
+    assert_eq!(key, "token.reauth_required");
+    assert!(event["reason"].as_str().unwrap().contains("earlier refresh was cut off"), "{event}");
 }
