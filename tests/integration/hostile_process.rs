@@ -368,7 +368,9 @@ async fn a_password_in_an_mcp_server_url_is_never_printed_by_config_check_or_the
     let none = Roles { worker: false, refresher: false, api: false };
     App::build(&settings, none).await.unwrap().run(CancellationToken::new()).await.unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
-    let env = worker_env(&settings, &[("telemetry.filter", json!("debug"))]);
+    // worker_env passes the queues, keys and servers of `settings`, not its other overrides.
+    let extra = [("telemetry.filter", json!("debug")), ("worker.retry_delays_ms", json!([10]))];
+    let env = worker_env(&settings, &extra);
     let mut worker = spawn_worker(&["run", "--roles", "worker"], &env, Stdio::from(log.reopen().unwrap()));
     let connection = lapin::Connection::connect(settings.amqp.url.expose(), Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
