@@ -4,8 +4,8 @@
     connect-as-browser.py API_BASE SERVICE_KEY USER_ID
 
 Asks mcp-worker's API for an authorize URL, opens it at the provider, submits the login form
-as USER_ID (allow), follows the provider's redirect to mcp-worker's callback, and prints each
-step. Standard library only; exits non-zero if any step does not answer as expected.
+as USER_ID (allow), follows the provider's redirect to mcp-worker's callback, then confirms the
+flow for USER_ID as the chat backend would, and prints each step. Standard library only; exits non-zero if any step does not answer as expected.
 """
 import html.parser
 import json
@@ -74,7 +74,21 @@ def main():
 
     status, headers, body = request("GET", callback)
     assert status == 303, (status, body)
-    print(f"4. mcp-worker stored the tokens and sent the browser to {headers['Location']}")
+    landed = headers["Location"]
+    print(f"4. mcp-worker holds the tokens and sent the browser to {landed.split('?')[0]}")
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(landed).query).get("connect_code", [None])[0]
+    if code is None:  # http.confirm_connections = false: stored already
+        print("   (no connect_code: the callback stored the tokens itself)")
+        return
+    # The chat backend's part: the page at return_to knows who is logged in, and confirms.
+    status, _, body = request(
+        "POST",
+        f"{api}/v1/connections/qlik/confirm",
+        json.dumps({"user_id": user, "connect_code": code}).encode(),
+        {"Authorization": f"Bearer {service_key}", "Content-Type": "application/json"},
+    )
+    assert status == 204, (status, body)
+    print(f"5. the chat backend confirmed the flow for {user}: the tokens are stored")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ impl App {
                 .filter_map(|u| reqwest::Url::parse(u).ok())
                 .collect(),
             state_ttl: Duration::from_secs(settings.http.state_ttl_secs),
+            confirm_connections: settings.http.confirm_connections,
         };
         tracing::info!(listen = %listener.local_addr()?, connections = roles.api, "HTTP listener ready");
         tracing::info!(worker = worker.is_some(), refresher = refresher.is_some(), api = roles.api, "mcp-worker ready");
@@ -257,6 +258,16 @@ impl App {
         }
         // A process left with no role (e.g. `--roles refresher` without a provider) has nothing
         // to report on: it exits at once rather than serving probes for idleness.
+        if self.connections && self.http.1.confirm_connections {
+            let (state, stop) = (self.http.1.clone(), stop.clone());
+            parts.push((
+                "the sweeper of unconfirmed connections",
+                Box::pin(async move {
+                    api::sweep_unconfirmed(state, stop).await;
+                    Ok(())
+                }),
+            ));
+        }
         if !parts.is_empty() || self.connections {
             let (listener, state) = self.http;
             let (connections, http_stop, limits) = (self.connections, stop.clone(), self.http_limits);

@@ -77,6 +77,7 @@ pub struct HttpSettings {
     pub(crate) default_return_to: String,
     pub(crate) return_to_allowlist: Vec<String>,
     pub(crate) state_ttl_secs: u64,
+    pub(crate) confirm_connections: bool,
     pub(crate) header_read_timeout_ms: u64,
     pub(crate) body_read_timeout_ms: u64,
     pub(crate) max_connections: usize,

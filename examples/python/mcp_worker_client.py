@@ -286,6 +286,25 @@ class McpWorkerClient:
             raise McpWorkerError(f"authorize answered {response.status_code}: {response.text[:200]}")
         return str(response.json()["authorize_url"])
 
+    async def confirm_connection(self, user_id: str, connect_code: str, provider: str | None = None) -> None:
+        """Confirms a finished connect flow for `user_id`, the user logged in to the session the
+        browser came back to with `connect_code` (`POST /v1/connections/{provider}/confirm`).
+        Until then the user is not connected; call this from the page `return_to` names, with
+        the code from its query. Raises McpWorkerError when the code is unknown, expired, used,
+        or was issued for another user (that flow's grant is then revoked)."""
+        if self._http is None:
+            raise RuntimeError("not connected")
+        try:
+            response = await self._http.post(
+                f"{self._api_url}/v1/connections/{provider or self._provider}/confirm",
+                json={"user_id": user_id, "connect_code": connect_code},
+                headers={"Authorization": f"Bearer {self._service_key}"},
+            )
+        except httpx.HTTPError as error:
+            raise McpWorkerError(f"the worker's API did not answer: {error!r}") from error
+        if response.status_code != 204:
+            raise McpWorkerError(f"confirm answered {response.status_code}: {response.text[:200]}")
+
     async def _result_of(self, reply: dict[str, Any], user_id: str, job_id: str, timeout: float) -> dict[str, Any]:
         """The reply's result, or the typed exception its error code calls for."""
         if reply.get("status") == "ok":

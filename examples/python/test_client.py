@@ -40,6 +40,7 @@ from mcp_worker_client import (  # noqa: E402  (after the path set-up above)
     CallTimeout,
     JobNotDelivered,
     McpWorkerClient,
+    McpWorkerError,
     NotConnected,
     Forbidden,
     ReauthRequired,
@@ -122,7 +123,11 @@ class ClientAgainstTheWorker(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(needed.connect_url.startswith(authorize + "?"), needed.connect_url)
         landed = await asyncio.to_thread(follow_as_browser, needed.connect_url, user)
         self.assertTrue(landed.startswith(setting("MCP_CLIENT_RETURN_TO")), landed)
-        self.assertIn("status=connected", landed)
+        self.assertIn("status=pending", landed)
+        code = urllib.parse.parse_qs(urllib.parse.urlsplit(landed).query)["connect_code"][0]
+        await self.client.confirm_connection(user, code)
+        with self.assertRaises(McpWorkerError):
+            await self.client.confirm_connection(user, code)  # a code works once
 
     async def test_a_connected_users_call_returns_the_tool_result(self) -> None:
         user = setting("MCP_CLIENT_TEST_CONNECTED_USER")

@@ -27,6 +27,7 @@ use crate::provider::Provider;
 use crate::queue::Broker;
 use crate::secret::Secret;
 use crate::store::Store;
+pub(crate) use connect::sweep_unconfirmed;
 pub(crate) use listener::Limits;
 
 /// What the handlers share.
@@ -41,6 +42,8 @@ pub(crate) struct ApiState {
     pub(crate) default_return_to: String,
     pub(crate) return_to_allowlist: Vec<reqwest::Url>,
     pub(crate) state_ttl: std::time::Duration,
+    /// Whether a finished flow waits for the chat backend's confirmation (`http.confirm_connections`).
+    pub(crate) confirm_connections: bool,
 }
 
 /// The routes: health, readiness and metrics always; the connection endpoints when
@@ -54,6 +57,7 @@ pub(crate) fn router(state: Arc<ApiState>, connections: bool) -> Router {
         router = router
             .route("/v1/connections/{provider}/authorize", post(connect::authorize))
             .route("/v1/connections/{provider}/callback", get(connect::callback))
+            .route("/v1/connections/{provider}/confirm", post(connect::confirm))
             // The user in the query reaches every id; the path form stays for v1 callers (see
             // `connections::Named` for the ids it cannot reach).
             .route("/v1/connections/{provider}", get(connections::status).delete(connections::disconnect))

@@ -7,6 +7,7 @@
 mod batch;
 mod leases;
 mod migrations;
+mod pending;
 mod results;
 mod states;
 mod tokens;
@@ -19,6 +20,7 @@ use mongodb::{Client, Database};
 
 pub use leases::{ClaimedToken, DueCounts, DueToken, Leased, UnreadableToken};
 pub use migrations::{Migration, MigrationError, MigrationStatus, embedded_migrations};
+pub(crate) use pending::{HeldConnection, PendingStore};
 pub(crate) use results::{Claim, ResultStore};
 pub(crate) use states::{PendingConnect, StateStore};
 pub(crate) use tokens::TokenStores;
@@ -122,6 +124,10 @@ impl Store {
 
     pub(crate) fn results(&self) -> ResultStore {
         self.results.clone()
+    }
+
+    pub(crate) fn pending(&self, cipher: &Arc<TokenCipher>) -> PendingStore {
+        PendingStore::new(&self.db, cipher.clone())
     }
 
     pub(crate) fn states(&self, cipher: &Arc<TokenCipher>) -> StateStore {

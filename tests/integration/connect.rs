@@ -4,7 +4,7 @@
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 
-use crate::support::{SERVICE_KEY, connect_as_browser, no_redirects, spawn_app_with_oauth};
+use crate::support::{SERVICE_KEY, confirm, connect_as_browser, no_redirects, spawn_app_with_oauth, walk_flow};
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
 
@@ -17,7 +17,8 @@ async fn connecting_stores_the_tokens_encrypted_and_announces_it() {
     assert_eq!(outcome.status, 303, "the callback redirects the browser");
     let location = outcome.location.unwrap();
     assert!(location.starts_with("http://127.0.0.1:9/done?from=test"), "{location}");
-    assert!(location.contains("status=connected") && location.contains("provider=qlik"), "{location}");
+    assert!(location.contains("status=pending") && location.contains("provider=qlik"), "{location}");
+    assert!(outcome.connect_code.is_some(), "the browser brings a connect_code back to the chat: {location}");
 
     let stored = fx.app.stored("alice").await.expect("tokens stored");
     assert!(fx.oauth.access_token_active(stored.access_token.expose()), "the stored access token is the issued one");
@@ -183,4 +184,49 @@ async fn every_user_id_is_reachable_for_status_and_disconnect() {
     }
     let answer = http.get(format!("{}/v1/connections/qlik", fx.app.api)).bearer_auth(SERVICE_KEY).send().await;
     assert_eq!(answer.unwrap().status(), 400, "no user_id");
+}
+
+/// Login CSRF: Mallory starts a flow for her own chat user and gets Alice to finish it signed in
+/// as herself at the provider. The callback alone connects no one: the browser comes back to the
+/// chat with a connect_code, and Alice's chat session, confirming for Alice, is refused (a flow
+/// started for another user), which revokes Alice's grant at once. A flow nobody confirms is
+/// dropped when its time is up, and its grant revoked too. Alice's own flow, confirmed for her,
+/// works once; a wrong or reused code is refused.
+#[tokio::test]
+async fn a_flow_is_a_connection_only_once_the_chat_session_that_started_it_confirms_it() {
+    let fx = spawn_app_with_oauth(NO_MCP, |_| {}, &[("http.state_ttl_secs", json!(2))]).await;
+    let api = fx.app.api.clone();
+
+    // Started for mallory, finished by alice's browser, confirmed by alice's session.
+    let lured = walk_flow(&api, "mallory", "alice", "allow").await;
+    assert_eq!(lured.status, 303);
+    let code = lured.connect_code.expect("a connect_code");
+    assert!(fx.app.stored("mallory").await.is_none(), "the callback alone stores nothing");
+    assert_eq!(fx.app.connection_status("mallory").await["connected"], false);
+    let (status, body) = confirm(&api, "alice", &code).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not issued for this user"), "{body}");
+    assert!(fx.app.stored("alice").await.is_none() && fx.app.stored("mallory").await.is_none());
+    assert_eq!(fx.oauth.stats().grants_revoked, 1, "alice's grant is revoked at once");
+    assert_eq!(confirm(&api, "mallory", &code).await.0, 400, "and the code is spent");
+
+    // Never confirmed: dropped once the state TTL has passed, its grant revoked.
+    let abandoned = walk_flow(&api, "mallory", "alice", "allow").await;
+    assert!(abandoned.connect_code.is_some());
+    crate::support::wait_until("the unconfirmed flow's grant is revoked", || async {
+        fx.oauth.stats().grants_revoked == 2
+    })
+    .await;
+    assert_eq!(confirm(&api, "mallory", &abandoned.connect_code.unwrap()).await.0, 400, "too late");
+    assert!(fx.app.stored("mallory").await.is_none());
+
+    // Alice's own flow, confirmed for her: connected, once.
+    let own = walk_flow(&api, "alice", "alice", "allow").await;
+    let code = own.connect_code.unwrap();
+    assert_eq!(confirm(&api, "alice", "not-a-code").await.0, 400, "a wrong code");
+    assert_eq!(confirm(&api, "alice", &code).await.0, 204);
+    let stored = fx.app.stored("alice").await.expect("alice is connected");
+    assert!(fx.oauth.refresh_token_active(stored.refresh_token.expose()));
+    assert_eq!(confirm(&api, "alice", &code).await.0, 400, "a code works once");
+    assert_eq!(fx.oauth.stats().grants_revoked, 2, "alice's own grant stays");
 }

@@ -15,14 +15,16 @@ use serde_json::{Value, json};
 
 use crate::support::hostile::{HOSTILE_CLIENT_SECRET, Received, Recorder, hostile_provider, json_response};
 use crate::support::{
-    Flavor, McpServer, TestApp, no_redirects, spawn_app_with, start_connect, test_settings, wait_until, worker_env,
+    Flavor, McpServer, TestApp, confirm, no_redirects, spawn_app_with, start_connect, test_settings, wait_until,
+    worker_env,
 };
 
 const NO_MCP: &str = "http://127.0.0.1:9/mcp";
 const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
 
 /// Starts a connect flow for `user` and calls the callback as the provider would send the
-/// browser back with `code`; returns the callback's status and page.
+/// browser back with `code`, and confirms a finished flow for `user`; returns the callback's
+/// status and page.
 async fn callback_with_code(app: &TestApp, user: &str, code: &str) -> (u16, String) {
     let http = no_redirects();
     let authorize = reqwest::Url::parse(&start_connect(&http, &app.api, user, None).await).unwrap();
@@ -30,7 +32,15 @@ async fn callback_with_code(app: &TestApp, user: &str, code: &str) -> (u16, Stri
     let mut callback = reqwest::Url::parse(&format!("{}/v1/connections/qlik/callback", app.api)).unwrap();
     callback.query_pairs_mut().append_pair("state", &state).append_pair("code", code);
     let answer = http.get(callback).send().await.unwrap();
-    (answer.status().as_u16(), answer.text().await.unwrap())
+    let status = answer.status().as_u16();
+    // A finished flow, confirmed for its user as the chat backend would.
+    let landed = answer.headers().get("location").and_then(|l| reqwest::Url::parse(l.to_str().ok()?).ok());
+    if let Some(code) =
+        landed.and_then(|url| url.query_pairs().find(|(k, _)| k == "connect_code").map(|(_, c)| c.into_owned()))
+    {
+        assert_eq!(confirm(&app.api, user, &code).await.0, 204, "the flow is confirmed");
+    }
+    (status, answer.text().await.unwrap())
 }
 
 /// The redirect status a request asks for by carrying `s<status>x` (in its code or refresh

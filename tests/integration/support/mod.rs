@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use mcp_server::{Flavor, McpServer};
 pub use oauth::{
-    OAuthFixture, connect_as_browser, connect_through, no_redirects, spawn_app_with_oauth, spawn_oauth, start_connect,
+    OAuthFixture, confirm, connect_as_browser, connect_through, no_redirects, spawn_app_with_oauth, spawn_oauth,
+    start_connect, walk_flow,
 };
 pub use process::{spawn_worker, terminate, worker_env};
 

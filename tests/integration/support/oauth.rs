@@ -58,6 +58,8 @@ pub struct BrowserOutcome {
     pub status: u16,
     /// Where the callback sent the browser, if it redirected.
     pub location: Option<String>,
+    /// The `connect_code` in that location, when the flow awaits confirmation.
+    pub connect_code: Option<String>,
     /// The callback URL the provider sent the browser to (to replay it).
     pub callback: String,
 }
@@ -89,34 +91,60 @@ pub async fn start_connect(http: &reqwest::Client, api: &str, user: &str, return
     started["authorize_url"].as_str().unwrap().to_owned()
 }
 
-/// Starts a connect flow for `user` through the API, then does what a browser does: opens the
-/// authorize URL, submits the login form with `decision` (`allow`/`deny`), follows the provider's
-/// redirect to the callback. Returns what the callback answered.
+/// Starts a connect flow for `user` through the API, walks it as that user's browser
+/// ([`walk_flow`]) and, as the chat backend would for the user logged in, confirms it.
 pub async fn connect_as_browser(app: &TestApp, user: &str, decision: &str) -> BrowserOutcome {
     connect_through(&app.api, user, decision).await
 }
 
 /// [`connect_as_browser`] against the API at `api` (a base URL).
 pub async fn connect_through(api: &str, user: &str, decision: &str) -> BrowserOutcome {
+    let outcome = walk_flow(api, user, user, decision).await;
+    if let Some(code) = &outcome.connect_code {
+        let (status, body) = confirm(api, user, code).await;
+        assert_eq!(status, 204, "the chat backend confirms the user's own flow: {body}");
+    }
+    outcome
+}
+
+/// Starts a connect flow for `started_for`, then does what a browser does: opens the authorize
+/// URL, signs in at the provider as `signs_in_as` with `decision` (`allow`/`deny`), follows the
+/// provider's redirect to the callback. Returns what the callback answered; confirms nothing.
+pub async fn walk_flow(api: &str, started_for: &str, signs_in_as: &str, decision: &str) -> BrowserOutcome {
     let http = no_redirects();
-    let authorize_url = start_connect(&http, api, user, Some(&format!("{RETURN_TO}?from=test"))).await;
+    let authorize_url = start_connect(&http, api, started_for, Some(&format!("{RETURN_TO}?from=test"))).await;
     let authorize_url = authorize_url.as_str();
     let login_page = http.get(authorize_url).send().await.unwrap();
     assert_eq!(login_page.status(), 200, "the provider shows its login page");
     let html = login_page.text().await.unwrap();
     let mut form = hidden_inputs(&html);
-    form.push(("username".into(), user.into()));
+    form.push(("username".into(), signs_in_as.into()));
     form.push(("decision".into(), decision.into()));
     let base = authorize_url.split("/authorize").next().unwrap();
     let redirect = http.post(format!("{base}/login")).form(&form).send().await.unwrap();
     assert_eq!(redirect.status(), 302, "the provider redirects back");
     let callback = redirect.headers()["location"].to_str().unwrap().to_owned();
     let answer = http.get(&callback).send().await.unwrap();
-    BrowserOutcome {
-        status: answer.status().as_u16(),
-        location: answer.headers().get("location").map(|l| l.to_str().unwrap().to_owned()),
-        callback,
-    }
+    let location = answer.headers().get("location").map(|l| l.to_str().unwrap().to_owned());
+    let connect_code = location
+        .as_deref()
+        .and_then(|l| reqwest::Url::parse(l).ok())
+        .and_then(|url| url.query_pairs().find(|(name, _)| name == "connect_code").map(|(_, code)| code.into_owned()));
+    BrowserOutcome { status: answer.status().as_u16(), location, connect_code, callback }
+}
+
+/// `POST /v1/connections/qlik/confirm` for `user` and `code`, as the chat backend; the status
+/// and the JSON body (null when there is none).
+pub async fn confirm(api: &str, user: &str, code: &str) -> (u16, Value) {
+    let answer = reqwest::Client::new()
+        .post(format!("{api}/v1/connections/qlik/confirm"))
+        .bearer_auth(SERVICE_KEY)
+        .json(&json!({ "user_id": user, "connect_code": code }))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
 }
 
 /// `(name, value)` of every `<input type="hidden" name=… value=…>` in a page.
