@@ -22,7 +22,7 @@ use crate::messages::TokenEventKind;
 use crate::metrics::Metrics;
 use crate::oauth::{OAuthClient, TokenRules};
 use crate::provider::Provider;
-use crate::queue::{Broker, Consumer, QueueError, Topology};
+use crate::queue::{Broker, Consumer, QueueError, QueueMigration, Topology};
 use crate::refresher::{Refresher, RefresherConfig, RefresherError, RequestLimits};
 use crate::registry::Registry;
 use crate::store::{MigrationError, MigrationStatus, Store, StoreError, embedded_migrations};
@@ -98,7 +98,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&settings.mongodb).await?;
         store.ping().await?;
-        let broker = Broker::connect(&settings.amqp.url, "mcp-worker", Some(topology(settings))).await?;
+        let broker = Broker::connect(&settings.amqp, "mcp-worker", Some(topology(settings))).await?;
         let publisher = broker.publisher();
         let events = Events::new(publisher.clone(), settings.amqp.events_exchange.clone());
         // The OAuth client's: it carries the client secret, PKCE verifiers and refresh tokens.
@@ -369,6 +369,15 @@ pub fn topology(settings: &Settings) -> Topology {
 pub async fn migrate(settings: &Settings) -> Result<Vec<(String, MigrationStatus)>, AppError> {
     let store = Store::connect(&settings.mongodb).await?;
     Ok(store.migrate(&embedded_migrations()?).await?)
+}
+
+/// Makes every queue of the topology a quorum queue, keeping the messages of the classic queues
+/// an earlier version declared (see `queue::migration`).
+pub async fn migrate_queues(settings: &Settings) -> Result<Vec<(String, QueueMigration)>, AppError> {
+    let broker = Broker::connect(&settings.amqp, "mcp-worker queues migrate", None).await?;
+    let migrated = broker.migrate_queues(&topology(settings)).await;
+    broker.close().await;
+    Ok(migrated?)
 }
 
 /// Reports the embedded migrations as applied or pending, applying nothing.

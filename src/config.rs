@@ -163,6 +163,10 @@ pub(crate) enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: Secret<String>,
+    /// The cluster's nodes; when not empty it replaces `url` (see [`Self::addresses`]).
+    #[serde(default)]
+    pub urls: Vec<Secret<String>>,
+    pub(crate) reply_resend_window_secs: u64,
     pub jobs_queue: String,
     pub dead_letter_queue: String,
     pub refresh_queue: String,
@@ -218,6 +222,15 @@ pub struct McpSettings {
 }
 
 impl AmqpSettings {
+    /// The broker addresses to try, in order: `urls` when it lists any, else the one `url`.
+    pub fn addresses(&self) -> Vec<Secret<String>> {
+        if self.urls.is_empty() { vec![self.url.clone()] } else { self.urls.clone() }
+    }
+
+    pub(crate) fn reply_resend_window(&self) -> Duration {
+        Duration::from_secs(self.reply_resend_window_secs)
+    }
+
     /// The queue deferred jobs wait in. Its name carries the delay, so changing `tokens.defer_ms`
     /// declares a new queue instead of clashing with the old one's arguments.
     pub(crate) fn delay_queue(&self, defer_ms: u64) -> String {
@@ -314,8 +327,19 @@ impl Settings {
         if self.amqp.jobs_queue == self.amqp.dead_letter_queue {
             return Err(invalid("amqp.dead_letter_queue", "must differ from amqp.jobs_queue"));
         }
-        if !self.amqp.url.expose().starts_with("amqp://") && !self.amqp.url.expose().starts_with("amqps://") {
+        let is_amqp =
+            |url: &Secret<String>| url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://");
+        if !is_amqp(&self.amqp.url) {
             return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if self.amqp.urls.len() > 64 {
+            return Err(invalid("amqp.urls", "must list at most 64 addresses"));
+        }
+        if let Some(i) = self.amqp.urls.iter().position(|url| !is_amqp(url)) {
+            return Err(invalid(format!("amqp.urls[{i}]"), "must start with amqp:// or amqps://"));
+        }
+        if self.amqp.reply_resend_window_secs > 3600 {
+            return Err(invalid("amqp.reply_resend_window_secs", "must be at most 3600"));
         }
         if !self.mongodb.uri.expose().starts_with("mongodb://")
             && !self.mongodb.uri.expose().starts_with("mongodb+srv://")
@@ -511,6 +535,29 @@ mod tests {
             let settings = Settings::load(Some("staging"), Path::new("config")).unwrap();
             assert_eq!(settings.worker.concurrency, 3);
             assert_eq!(settings.amqp.prefetch, 64);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn several_broker_addresses_replace_the_one_and_each_is_checked() {
+        let one = with("amqp.urls", Vec::<String>::new()).unwrap();
+        assert_eq!(one.amqp.addresses().len(), 1);
+        let urls = ["amqp://127.0.0.1:5701/%2f", "amqp://127.0.0.1:5702/%2f"];
+        let settings = with("amqp.urls", urls).unwrap();
+        let addresses: Vec<_> = settings.amqp.addresses().iter().map(|a| a.expose().clone()).collect();
+        assert_eq!(addresses, urls);
+        let err = with("amqp.urls", ["amqp://127.0.0.1:5701/%2f", "http://x"]).unwrap_err().to_string();
+        assert!(err.contains("amqp.urls[1]"), "{err}");
+    }
+
+    #[test]
+    fn a_list_of_addresses_can_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MCP_WORKER_AMQP__URLS", r#"["amqp://127.0.0.1:5701/%2f","amqp://127.0.0.1:5702/%2f"]"#);
+            let settings = Settings::load(None, Path::new("config")).unwrap();
+            assert_eq!(settings.amqp.addresses().len(), 2);
+            assert_eq!(settings.amqp.addresses()[1].expose(), "amqp://127.0.0.1:5702/%2f");
             Ok(())
         });
     }

@@ -67,6 +67,9 @@ enum Command {
     /// Manage stored tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Manage the RabbitMQ queues.
+    #[command(subcommand)]
+    Queues(QueuesCommand),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -77,6 +80,14 @@ enum ConfigCommand {
     /// Validate the effective configuration (all layers) and print it, secrets redacted. An
     /// invalid configuration exits 2 with the offending key named.
     Check,
+}
+
+#[derive(Subcommand)]
+enum QueuesCommand {
+    /// Move a broker over from an earlier version's classic delay, retry, dead-letter and
+    /// refresh queues: each becomes a quorum queue of the same name, its messages kept. Stop the
+    /// earlier version's processes first; safe to repeat, and to run again after an interruption.
+    Migrate,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -174,6 +185,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Queues(QueuesCommand::Migrate) => {
+            for (queue, outcome) in app::migrate_queues(&settings).await? {
+                println!("{queue}: {outcome}");
+            }
+        }
         Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,
         Command::Config(ConfigCommand::Check) => {
             // `Secret` values print as [redacted] in Debug output, and the userinfo of every URL
@@ -241,7 +257,7 @@ async fn call(settings: &Settings, user: String, tool: String, args: &str, wait:
     }
     let job_id = uuid::Uuid::new_v4().to_string();
     let job = serde_json::json!({ "job_id": job_id, "user_id": user, "tool": tool, "arguments": arguments });
-    let broker = Broker::connect(&settings.amqp.url, "mcp-worker call", None).await?;
+    let broker = Broker::connect(&settings.amqp, "mcp-worker call", None).await?;
     let reply = broker
         .request(&settings.amqp.jobs_queue, &job_id, &serde_json::to_vec(&job)?, Duration::from_secs(wait))
         .await?;

@@ -7,6 +7,10 @@
 //! Consumers take deliveries through [`Broker::next`], which, when their stream is lost, waits
 //! for a newer generation and consumes again; publishers always use the current link.
 //!
+//! With several broker addresses (a cluster's nodes), each process starts at a random one so
+//! replicas spread over the nodes, and every reconnect attempt goes to the next address in turn:
+//! a node that died is left at once, and one that never returns is never waited for.
+//!
 //! Deliveries taken on a lost link cannot be acked any more: the broker has already requeued
 //! them, and they come back on the new link. That is what keeps jobs from being lost.
 
@@ -22,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Consumer, Delivery, Publisher, QueueError, Source, Topology};
+use crate::config::AmqpSettings;
 use crate::secret::Secret;
 
 /// The largest AMQP frame this side proposes, in bytes (see `establish`).
@@ -40,6 +45,8 @@ pub(super) struct Link {
     pub(super) publisher: Channel,
     /// Counts links: 0 for the first, +1 per reconnect.
     pub(super) generation: u64,
+    /// Which of the broker addresses it is connected to.
+    address: usize,
 }
 
 impl Link {
@@ -49,8 +56,10 @@ impl Link {
 }
 
 pub(super) struct Shared {
-    url: Secret<String>,
+    addresses: Vec<Secret<String>>,
     name: String,
+    /// How long a reply whose confirm was lost waits for a new link (see `publisher`).
+    pub(super) resend_window: Duration,
     topology: Option<Topology>,
     link: RwLock<Link>,
     generation: watch::Sender<u64>,
@@ -87,14 +96,30 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects, declares `topology` if there is one, and opens the publishing channel. Fails at
-    /// once if the broker cannot be reached: at start a clear error beats waiting.
+    /// Connects to one of the configured addresses (each tried once, from a random one),
+    /// declares `topology` if there is one, and opens the publishing channel. Fails at once if no
+    /// address can be reached: at start a clear error beats waiting.
     #[tracing::instrument(skip_all)]
-    pub async fn connect(url: &Secret<String>, name: &str, topology: Option<Topology>) -> Result<Self, QueueError> {
-        let link = establish(url, name, topology.as_ref(), 0).await?;
+    pub async fn connect(amqp: &AmqpSettings, name: &str, topology: Option<Topology>) -> Result<Self, QueueError> {
+        let addresses = amqp.addresses();
+        let start = rand::random::<u32>() as usize % addresses.len();
+        let mut failures = Vec::new();
+        let mut link = None;
+        for attempt in 0..addresses.len() {
+            let address = (start + attempt) % addresses.len();
+            match establish(&addresses, address, name, topology.as_ref(), 0).await {
+                Ok(established) => {
+                    link = Some(established);
+                    break;
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        let Some(link) = link else { return Err(QueueError::Connect(failures.join("; "))) };
         let shared = Shared {
-            url: url.clone(),
+            addresses,
             name: name.to_owned(),
+            resend_window: amqp.reply_resend_window(),
             topology,
             link: RwLock::new(link),
             generation: watch::Sender::new(0),
@@ -241,11 +266,13 @@ impl Broker {
             let mut attempt = 0;
             let link = loop {
                 let generation = lost.generation + 1;
-                match establish(&self.shared.url, &self.shared.name, self.shared.topology.as_ref(), generation).await {
+                let address = next_address(lost.address, attempt, self.shared.addresses.len());
+                let topology = self.shared.topology.as_ref();
+                match establish(&self.shared.addresses, address, &self.shared.name, topology, generation).await {
                     Ok(link) => break link,
                     Err(e) => {
                         let delay = reconnect_delay(attempt, rand::random());
-                        attempt += 1;
+                        attempt = attempt.saturating_add(1);
                         tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "reconnect failed");
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
@@ -254,11 +281,11 @@ impl Broker {
                     }
                 }
             };
-            let generation = link.generation;
+            let (generation, address) = (link.generation, link.address);
             *self.shared.link.write().expect("the link lock is never poisoned") = link;
             self.shared.generation.send_replace(generation);
             reconnected();
-            tracing::info!(generation, "reconnected to RabbitMQ; topology declared again");
+            tracing::info!(generation, node = %node(&self.shared.addresses[address]), "reconnected to RabbitMQ; topology declared again");
         }
     }
 
@@ -277,16 +304,34 @@ impl Broker {
     }
 }
 
+/// Connects to `addresses[address]`. Its errors name the node (host and port), never the URL.
 async fn establish(
-    url: &Secret<String>,
+    addresses: &[Secret<String>],
+    address: usize,
     name: &str,
     topology: Option<&Topology>,
     generation: u64,
 ) -> Result<Link, QueueError> {
+    let node = node(&addresses[address]);
+    establish_on(&addresses[address], name, topology)
+        .await
+        .map(|(connection, publisher)| Link { connection: Arc::new(connection), publisher, generation, address })
+        .map_err(|e| match e {
+            QueueError::Connect(e) => QueueError::Connect(format!("{node}: {e}")),
+            QueueError::Topology(e) => QueueError::Topology(format!("on {node}: {e}")),
+            other => QueueError::Channel(format!("{node}: {other}")),
+        })
+}
+
+async fn establish_on(
+    url: &Secret<String>,
+    name: &str,
+    topology: Option<&Topology>,
+) -> Result<(Connection, Channel), QueueError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     // The parser's error repeats the whole URL, password included: say only what is wrong.
     let mut uri: lapin::uri::AMQPUri =
-        url.expose().parse().map_err(|_| QueueError::Connect("amqp.url is not a valid AMQP URL".into()))?;
+        url.expose().parse().map_err(|_| QueueError::Connect("not a valid AMQP URL".into()))?;
     // lapin keeps two I/O buffers of 32 frames each: at RabbitMQ's default 128 KiB frames that is
     // 8 MiB per connection. 32 KiB frames carry any job as well (a larger body spans frames) for a
     // quarter of that. A `frame_max` in the URL still wins.
@@ -294,13 +339,26 @@ async fn establish(
     // lapin's error text does not contain the URL, so the password cannot leak through it.
     let connection = Connection::connect_uri(uri, properties).await.map_err(|e| QueueError::Connect(e.to_string()))?;
     if let Some(topology) = topology {
-        let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
-        channel.close(200, "declared".into()).await?;
+        topology.declare(&connection).await?;
     }
     let publisher = connection.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(Link { connection: Arc::new(connection), publisher, generation })
+    Ok((connection, publisher))
+}
+
+/// The node an address points at, as `host:port`, for logs and errors: the URL itself may
+/// carry a password.
+fn node(url: &Secret<String>) -> String {
+    match url.expose().parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "an address that is not a valid AMQP URL".into(),
+    }
+}
+
+/// The address reconnect attempt `attempt` (0-based) goes to after losing address `lost` of
+/// `count`: the next one first, then each in turn, so a dead node is left at once.
+fn next_address(lost: usize, attempt: u32, count: usize) -> usize {
+    (lost + 1 + attempt as usize % count) % count
 }
 
 /// The wait before reconnect attempt `attempt` (0-based): exponential from [`BACKOFF_FIRST`],
@@ -320,6 +378,19 @@ mod tests {
         assert_eq!(reconnect_delay(0, 1.0), BACKOFF_FIRST);
         assert_eq!(reconnect_delay(1, 1.0), BACKOFF_FIRST * 2);
         assert_eq!(reconnect_delay(30, 1.0), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn reconnects_go_to_the_next_node_then_each_in_turn() {
+        let tried: Vec<usize> = (0..4).map(|attempt| next_address(1, attempt, 3)).collect();
+        assert_eq!(tried, [2, 0, 1, 2]);
+        assert_eq!(next_address(0, 7, 1), 0);
+    }
+
+    #[test]
+    fn a_node_is_named_without_its_password() {
+        let url = Secret::new("amqp://user:s3cr3t@rabbit-2:5702/%2f".to_owned());
+        assert_eq!(node(&url), "rabbit-2:5702");
     }
 
     #[test]

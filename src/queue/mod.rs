@@ -6,6 +6,7 @@
 //! confirm mode). Everyone else sees [`Delivery`] and plain strings, never an AMQP type.
 
 mod broker;
+mod migration;
 mod publisher;
 mod request;
 mod topology;
@@ -15,6 +16,7 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
 
 pub use broker::{Broker, Watched};
+pub use migration::QueueMigration;
 pub(crate) use publisher::{Published, Publisher};
 pub(crate) use topology::Topology;
 
@@ -28,6 +30,10 @@ pub enum QueueError {
     Channel(String),
     #[error("RabbitMQ did not confirm the publish (nack)")]
     Nacked,
+    #[error("RabbitMQ did not confirm the publish within {0} s")]
+    Unconfirmed(u64),
+    #[error("no queue `{0}` took the message (returned as unroutable); is the topology declared?")]
+    Unroutable(String),
     #[error("the RabbitMQ connection was lost and did not come back in time")]
     Disconnected,
 }
@@ -85,7 +91,7 @@ pub struct Delivery {
     pub(crate) message_id: Option<String>,
     pub(crate) redelivered: bool,
     /// How many earlier deliveries of this message ended without an ack (the quorum queue's
-    /// `x-delivery-count`; a classic queue keeps none).
+    /// `x-delivery-count`; 0 on a classic queue, which keeps none).
     pub failed_deliveries: u32,
     inner: lapin::message::Delivery,
 }

@@ -1,9 +1,14 @@
 //! Publishing with publisher confirms: a publish is done when the broker says it has the message.
 //!
 //! Every publish goes through the broker's current link. A reply whose confirm was lost with
-//! the connection is published again once the link is back (within [`RESEND_WINDOW`]): the
-//! caller may then get the same reply twice, never none. Other messages are not resent: the
+//! the connection is published again once the link is back (within `amqp.reply_resend_window_secs`):
+//! the caller may then get the same reply twice, never none. Other messages are not resent: the
 //! job they were derived from cannot be acked on a lost link, so it comes back anyway.
+//!
+//! Every publish to a named queue is mandatory, and a copy of a job that no queue took (a
+//! delay, retry or dead-letter queue that is not there) is an error, never a success: the job
+//! is then requeued rather than acked. A confirm is awaited at most [`CONFIRM_TIMEOUT`]: a
+//! quorum queue without a majority holds its confirms, and no job waits on that forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +20,8 @@ use lapin::{BasicProperties, Confirmation};
 use super::broker::Shared;
 use super::{Delivery, Header, QueueError};
 
-/// How long a reply waits for a lost connection to come back before it is given up.
-const RESEND_WINDOW: Duration = Duration::from_secs(30);
+/// The longest wait for the broker's confirm of one publish.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Header naming why the worker dead-lettered a message.
 pub(crate) const REASON_HEADER: &str = "x-mcp-worker-reason";
@@ -76,17 +81,12 @@ impl Publisher {
     /// Publishes a copy of `delivery` to `queue` with the reason in [`REASON_HEADER`], and waits
     /// for the confirm. The original keeps its properties so it can be inspected or replayed.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn dead_letter(
-        &self,
-        queue: &str,
-        delivery: &Delivery,
-        reason: &str,
-    ) -> Result<Published, QueueError> {
+    pub(crate) async fn dead_letter(&self, queue: &str, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
         let original = delivery.properties();
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         let properties = original.clone().with_headers(headers).with_delivery_mode(PERSISTENT);
-        self.publish(queue, &delivery.body, properties, Resend::No).await
+        self.publish_to_own(queue, &delivery.body, properties).await
     }
 
     /// Publishes a copy of `delivery` to `queue` with its headers changed as `changes` says (a
@@ -98,7 +98,7 @@ impl Publisher {
         queue: &str,
         delivery: &Delivery,
         changes: &[(&str, Option<Header>)],
-    ) -> Result<Published, QueueError> {
+    ) -> Result<(), QueueError> {
         let original = delivery.properties();
         let mut headers = original.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default();
         for (name, change) in changes {
@@ -110,14 +110,22 @@ impl Publisher {
             };
         }
         let properties = original.clone().with_headers(headers.into()).with_delivery_mode(PERSISTENT);
-        self.publish(queue, &delivery.body, properties, Resend::No).await
+        self.publish_to_own(queue, &delivery.body, properties).await
     }
 
-    /// Publishes a persistent JSON message to `queue` and waits for the confirm.
+    /// Publishes a persistent JSON message to `queue`, one of ours, and waits for the confirm.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn send(&self, queue: &str, body: &[u8]) -> Result<Published, QueueError> {
-        let properties = persistent_json();
-        self.publish(queue, body, properties, Resend::No).await
+    pub(crate) async fn send(&self, queue: &str, body: &[u8]) -> Result<(), QueueError> {
+        self.publish_to_own(queue, body, persistent_json()).await
+    }
+
+    /// Publishes to a queue of the worker's own topology: there, a message no queue took is lost,
+    /// so it is an error.
+    async fn publish_to_own(&self, queue: &str, body: &[u8], properties: BasicProperties) -> Result<(), QueueError> {
+        match self.publish(queue, body, properties, Resend::No).await? {
+            Published::Delivered => Ok(()),
+            Published::Unroutable => Err(QueueError::Unroutable(queue.to_owned())),
+        }
     }
 
     /// Publishes a persistent JSON event to a topic exchange and waits for the confirm. An event
@@ -128,9 +136,8 @@ impl Publisher {
         let channel = self.shared.link().publisher;
         let confirm = channel
             .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
-            .await?
             .await?;
-        match confirm {
+        match confirmed(confirm).await? {
             Confirmation::Ack(_) => Ok(()),
             _ => Err(QueueError::Nacked),
         }
@@ -149,7 +156,7 @@ impl Publisher {
         match (self.publish_on(&link.publisher, queue, body, properties).await, again) {
             (Err(QueueError::Channel(e)), Some(properties)) => {
                 tracing::warn!(error = %e, "publish not confirmed; sending it again once reconnected");
-                if !self.shared.newer_than(link.generation, RESEND_WINDOW).await {
+                if !self.shared.newer_than(link.generation, self.shared.resend_window).await {
                     return Err(QueueError::Disconnected);
                 }
                 self.publish_on(&self.shared.link().publisher, queue, body, properties).await
@@ -170,13 +177,21 @@ impl Publisher {
         // unroutable even when it delivers them, so they are published without it.
         let mandatory = !queue.starts_with(DIRECT_REPLY_TO);
         let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
-        let confirm = channel.basic_publish("".into(), queue.into(), options, body, properties).await?.await?;
-        match confirm {
+        let confirm = channel.basic_publish("".into(), queue.into(), options, body, properties).await?;
+        match confirmed(confirm).await? {
             Confirmation::Ack(None) => Ok(Published::Delivered),
             Confirmation::Ack(Some(_returned)) => Ok(Published::Unroutable),
             Confirmation::Nack(_) => Err(QueueError::Nacked),
             // confirm_select ran when the channel opened, so this would be a lapin bug.
             Confirmation::NotRequested => Err(QueueError::Channel("publisher confirms are not enabled".into())),
         }
+    }
+}
+
+/// The broker's answer to a publish, waited for at most [`CONFIRM_TIMEOUT`].
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<Confirmation, QueueError> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Ok(confirmation) => Ok(confirmation?),
+        Err(_) => Err(QueueError::Unconfirmed(CONFIRM_TIMEOUT.as_secs())),
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! A request whose handler panics, or that was in hand when the process died, would otherwise
 //! come back forever, and if it is what kills the process, every restart dies on it again (a
-//! crash loop). The refresh queue is a classic queue, which keeps no `x-delivery-count`, so the
-//! shell counts failures itself in [`FAILURES_HEADER`]: a failed request is published again with
+//! crash loop). The shell counts failures itself in [`FAILURES_HEADER`], which works on any
+//! queue type (a refresh queue left classic by an earlier version keeps no `x-delivery-count`,
+//! and the copy a failed request is put back as starts a new one anyway): a failed request is published again with
 //! the count raised and the original acked. A delivery the broker marks `redelivered` was in hand
 //! of a consumer that never settled it (a crash, a lost link): it counts as a failure too, and is
 //! put back counted before it is run again, so even a crash that unwinds nothing is counted.
@@ -19,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::messages::RefreshRequest;
 use crate::queue::{Broker, Consumer, Delivery, Header};
 
-/// Counts the failed deliveries of a request: the refresh queue is a classic queue, which keeps
-/// no `x-delivery-count`, so the shell republishes a failed request with this count raised.
+/// Counts the failed deliveries of a request: the shell republishes a failed request with this
+/// count raised, since the republished copy starts a new `x-delivery-count`.
 pub const FAILURES_HEADER: &str = "x-mcp-failures";
 
 /// Where requests come from and where a failing one ends.

@@ -32,7 +32,7 @@ async fn a_refresh_request_whose_handler_panics_is_dead_lettered_after_the_limit
     // shell itself, with a handler that panics every time.
     let app = spawn_app(&server.url()).await;
     let settings = &app.settings;
-    let broker = Broker::connect(&settings.amqp.url, "test refresher", None).await.unwrap();
+    let broker = Broker::connect(&settings.amqp, "test refresher", None).await.unwrap();
     let requests = broker.consume(&settings.amqp.refresh_queue, 4).await.unwrap();
     let limits = RequestLimits {
         queue: settings.amqp.refresh_queue.clone(),
@@ -92,7 +92,7 @@ async fn a_refresh_request_left_unsettled_by_a_dead_consumer_is_counted_before_i
     let connection = lapin::Connection::connect(settings.amqp.url.expose(), Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     // The request as the shell put it back after it killed one process already (one failure
-    // counted): a classic queue keeps no delivery count, so this header is all there is.
+    // counted): a put-back copy starts a new delivery count, so this header is all there is.
     let request = json!({ "v": 1, "provider": "qlik", "user_id": "alice", "needed_until": "2030-01-01T00:00:00Z" });
     let body = serde_json::to_vec(&request).unwrap();
     let mut headers = lapin::types::FieldTable::default();
@@ -119,7 +119,7 @@ async fn a_refresh_request_left_unsettled_by_a_dead_consumer_is_counted_before_i
     drop(taken);
     dying.close(200, "crashed".into()).await.unwrap();
 
-    let broker = Broker::connect(&settings.amqp.url, "test refresher", None).await.unwrap();
+    let broker = Broker::connect(&settings.amqp, "test refresher", None).await.unwrap();
     let requests = broker.consume(&queue, 4).await.unwrap();
     let limits = RequestLimits {
         queue: queue.clone(),

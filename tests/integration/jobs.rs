@@ -152,6 +152,47 @@ async fn an_unreachable_server_gives_a_retryable_mcp_unavailable_once_retries_ar
 }
 
 #[tokio::test]
+async fn a_copy_no_queue_takes_leaves_its_job_requeued_never_acked() {
+    let overrides = [
+        ("worker.retry_delays_ms", json!([100])),
+        ("worker.retry_jitter_percent", json!(0)),
+        // A short claim lease (call timeout + skew + 10 s), so the requeued job is taken over soon.
+        ("mcp.call_timeout_ms", json!(1000)),
+        ("tokens.clock_skew_secs", json!(1)),
+        ("tokens.defer_ms", json!(500)),
+    ];
+    let app = spawn_app_with("http://127.0.0.1:9/mcp", &overrides).await;
+    app.store_token("alice", "t").await;
+    // The retry queue goes away (a node lost it, an operator deleted it): the broker returns the
+    // job's copy as unroutable.
+    let jobs_queue = app.settings.amqp.jobs_queue.clone();
+    let retry_queue = format!("{jobs_queue}.retry.100ms");
+    app.channel.queue_delete(retry_queue.as_str().into(), Default::default()).await.unwrap();
+
+    app.call("job-1", "alice", "qlik_whoami", json!({})).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // The queue is back. The job was requeued, not acked: it comes back, waits for its own claim
+    // to lapse, runs again, and is answered once its retry is used up. Acked, it would be gone.
+    let mut args = FieldTable::default();
+    for (key, value) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", jobs_queue.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(100));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    app.channel.queue_declare(retry_queue.as_str().into(), durable, args).await.unwrap();
+    let (reply, _) = app.next_reply().await;
+    assert_eq!(reply["job_id"], "job-1", "{reply}");
+    assert_eq!(reply["error"]["code"], "mcp_unavailable", "{reply}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_call_that_outlives_the_call_timeout_gives_a_retryable_mcp_unavailable() {
     let server = McpServer::spawn(Flavor::V1Json).await;
     let overrides = [("mcp.call_timeout_ms", json!(300)), ("worker.retry_delays_ms", json!([]))];

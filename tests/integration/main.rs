@@ -14,6 +14,7 @@ mod mcp_interop;
 mod migrations;
 mod operate;
 mod python_client;
+mod queues;
 mod readme;
 mod refresher;
 mod schemas;
