@@ -1,7 +1,8 @@
 //! `docker-compose.yml` is valid (`docker-compose config`, offline: no Docker engine runs here)
 //! and matches the README's Deploying section: the same services, images, published ports and
-//! worker environment. Needs Debian's `docker-compose` (which brings python3-yaml, used here to
-//! read its output); `scripts/test` installs it.
+//! worker environment. Its optional `cluster` profile (three RabbitMQ nodes) and the override that
+//! points the worker at them are valid too. Needs Debian's `docker-compose` (which brings
+//! python3-yaml, used here to read its output); `scripts/test` installs it.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -12,10 +13,24 @@ use crate::support::repo;
 
 const README: &str = include_str!("../../README.md");
 
-/// `docker-compose config` with `env`: its normalized file as JSON, or its error text.
+/// `docker-compose config` of docker-compose.yml with `env`: its normalized file as JSON, or its
+/// error text. Docker-compose 1.29 lists every service in it, those of a profile too.
 fn compose_config(env: &[(&str, &str)]) -> Result<Value, String> {
+    compose_config_of(&["docker-compose.yml"], &[], env)
+}
+
+/// `docker-compose config` of `files` (merged in order) with `profiles` enabled.
+fn compose_config_of(files: &[&str], profiles: &[&str], env: &[(&str, &str)]) -> Result<Value, String> {
+    let mut args = Vec::new();
+    for file in files {
+        args.extend(["--file", file]);
+    }
+    for profile in profiles {
+        args.extend(["--profile", profile]);
+    }
+    args.push("config");
     let output = Command::new("docker-compose")
-        .args(["--file", "docker-compose.yml", "config"])
+        .args(args)
         .current_dir(repo())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -59,6 +74,11 @@ fn keys(value: &Value) -> BTreeSet<String> {
     value.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
 }
 
+/// The services `docker-compose up` starts: those without a profile.
+fn default_services(services: &Value) -> BTreeSet<String> {
+    keys(services).into_iter().filter(|name| services[name]["profiles"].is_null()).collect()
+}
+
 const SECRETS: &[(&str, &str)] =
     &[("MCP_WORKER_ENCRYPTION_KEY", "validation-only"), ("MCP_WORKER_SERVICE_KEY", "validation-only")];
 
@@ -77,7 +97,7 @@ fn services_images_and_ports_are_the_ones_the_readme_documents() {
     let services = &config["services"];
     let rows = deploying_table("service");
     let documented: BTreeSet<String> = rows.iter().map(|row| quoted(&row[0]).join("")).collect();
-    assert_eq!(documented, keys(services), "the README's services are the compose file's");
+    assert_eq!(documented, default_services(services), "the README's services are the compose file's");
 
     for row in &rows {
         let name = quoted(&row[0]).join("");
@@ -114,4 +134,68 @@ fn the_worker_environment_is_the_one_the_readme_documents() {
     let documented: BTreeSet<String> =
         deploying_table("variable").iter().flat_map(|row| quoted(&row[0])).filter(|v| v.starts_with("MCP_")).collect();
     assert_eq!(documented, worker, "the README's worker variables are the compose file's");
+}
+
+const CLUSTER_OVERRIDE: &str = "config/cluster-compose/worker.override.yml";
+const CLUSTER_CONF: &str = "config/cluster-compose/rabbitmq.conf";
+
+#[test]
+fn the_cluster_profile_forms_one_cluster_and_the_override_gives_the_worker_every_node() {
+    let mut env = SECRETS.to_vec();
+    env.extend([("RABBITMQ_CLUSTER_USER", "alice"), ("RABBITMQ_CLUSTER_PASS", "s3cret")]);
+    let config = compose_config_of(&["docker-compose.yml", CLUSTER_OVERRIDE], &["cluster"], &env)
+        .expect("docker-compose config passes with the cluster profile and the worker override");
+    let services = &config["services"];
+    let nodes: Vec<String> = keys(services)
+        .into_iter()
+        .filter(|name| services[name]["profiles"] == serde_json::json!(["cluster"]))
+        .collect();
+    assert_eq!(nodes, ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"], "the cluster profile's services");
+
+    let conf = std::fs::read_to_string(repo().join(CLUSTER_CONF)).unwrap();
+    let settings: Vec<(&str, &str)> = conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_once(" = ").unwrap_or_else(|| panic!("{CLUSTER_CONF}: not `key = value`: {l}")))
+        .collect();
+    assert!(settings.contains(&("cluster_formation.peer_discovery_backend", "classic_config")), "{conf}");
+    let peers: BTreeSet<&str> = settings
+        .iter()
+        .filter(|(key, _)| key.starts_with("cluster_formation.classic_config.nodes."))
+        .map(|(_, node)| *node)
+        .collect();
+
+    let mut cookies = BTreeSet::new();
+    for name in &nodes {
+        let node = &services[name];
+        // Node names are rabbit@<hostname>; the peers reach each other by service name.
+        assert_eq!(node["hostname"], name.as_str(), "{name}: hostname");
+        assert!(peers.contains(format!("rabbit@{name}").as_str()), "{CLUSTER_CONF} lists rabbit@{name}: {peers:?}");
+        assert!(node["image"].as_str().unwrap().starts_with("rabbitmq:3"), "{name}: image");
+        assert!(!node["healthcheck"].is_null(), "{name}: healthcheck");
+        let volumes: Vec<&str> = node["volumes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let mounted = format!("{CLUSTER_CONF}:/etc/rabbitmq/conf.d/20-cluster.conf:ro");
+        assert!(volumes.iter().any(|v| v.ends_with(&mounted)), "{name}: mounts {CLUSTER_CONF} read-only: {volumes:?}");
+        for port in node["ports"].as_array().into_iter().flatten() {
+            assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{name}: {port} is published beyond loopback");
+        }
+        let environment = &node["environment"];
+        assert_eq!(environment["RABBITMQ_DEFAULT_USER"], "alice", "{name}: user from RABBITMQ_CLUSTER_USER");
+        assert_eq!(environment["RABBITMQ_DEFAULT_PASS"], "s3cret", "{name}: password from RABBITMQ_CLUSTER_PASS");
+        cookies.insert(environment["RABBITMQ_ERLANG_COOKIE"].as_str().expect("an Erlang cookie").to_owned());
+    }
+    assert_eq!(peers.len(), nodes.len(), "{CLUSTER_CONF} lists the profile's nodes and no others: {peers:?}");
+    assert_eq!(cookies.len(), 1, "the nodes share one Erlang cookie");
+
+    let expected: Vec<String> = nodes.iter().map(|name| format!("amqp://alice:s3cret@{name}:5672/%2f")).collect();
+    for role in ["worker", "migrate"] {
+        let urls =
+            services[role]["environment"]["MCP_WORKER_AMQP__URLS"].as_str().expect("the override sets amqp.urls");
+        let urls: Vec<String> = serde_json::from_str(urls).expect("MCP_WORKER_AMQP__URLS is a JSON list");
+        assert_eq!(urls, expected, "{role}: every node, with the cluster's user");
+    }
+    for name in &nodes {
+        assert_eq!(services["worker"]["depends_on"][name]["condition"], "service_healthy", "worker waits for {name}");
+    }
 }
