@@ -6,7 +6,10 @@ user when they must connect first.
 
 Settings come from options or the environment (options win):
 
-    --amqp-url      MCP_CLIENT_AMQP_URL      default amqp://guest:guest@127.0.0.1:5672/%2f
+    --amqp-url      MCP_CLIENT_AMQP_URL      default amqp://guest:guest@127.0.0.1:5672/%2f; a
+                                             cluster's nodes: repeat the option, or list them in
+                                             the variable separated by spaces or commas, or as a
+                                             JSON array (as the worker's MCP_WORKER_AMQP__URLS)
     --jobs-queue    MCP_CLIENT_JOBS_QUEUE    default mcp.tool_calls
     --api-url       MCP_CLIENT_API_URL       default http://127.0.0.1:8080
     (no option)     MCP_CLIENT_SERVICE_KEY   required: the worker's http.service_key; only read
@@ -26,11 +29,24 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 
 import aio_pika.exceptions
 
 from mcp_worker_client import CallTimeout, McpWorkerClient, McpWorkerError, NeedsConnect, ToolCallFailed
+
+
+def amqp_urls(value: str) -> list[str]:
+    """One address, or several: a JSON array, or separated by spaces or commas (a comma in a
+    password is written %2C)."""
+    value = value.strip()
+    if value.startswith("["):
+        urls = json.loads(value)
+        if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+            raise ValueError("a JSON array of URLs was expected")
+        return urls
+    return [url for url in re.split(r"[\s,]+", value) if url]
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tool", required=True)
     parser.add_argument("--args", default="{}", help="the tool's arguments, a JSON object")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
-    parser.add_argument("--amqp-url", default=env("MCP_CLIENT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+    parser.add_argument("--amqp-url", action="append", help="a broker address; repeat it for a cluster's nodes")
     parser.add_argument("--jobs-queue", default=env("MCP_CLIENT_JOBS_QUEUE", "mcp.tool_calls"))
     parser.add_argument("--api-url", default=env("MCP_CLIENT_API_URL", "http://127.0.0.1:8080"))
     parser.add_argument("--return-to", default=env("MCP_CLIENT_RETURN_TO"))
@@ -51,6 +67,12 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--args is not JSON: {error}")
     if not isinstance(args.arguments, dict):
         parser.error("--args must be a JSON object")
+    try:
+        args.amqp_urls = args.amqp_url or amqp_urls(env("MCP_CLIENT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+    except ValueError as error:
+        parser.error(f"MCP_CLIENT_AMQP_URL: {error}")
+    if not args.amqp_urls:
+        parser.error("MCP_CLIENT_AMQP_URL lists no address")
     args.service_key = env("MCP_CLIENT_SERVICE_KEY")
     if not args.service_key:
         parser.error("set MCP_CLIENT_SERVICE_KEY to the worker's http.service_key")
@@ -60,7 +82,7 @@ def parse_args() -> argparse.Namespace:
 async def main() -> int:
     args = parse_args()
     client = McpWorkerClient(
-        amqp_url=args.amqp_url,
+        amqp_urls=args.amqp_urls,
         api_url=args.api_url,
         service_key=args.service_key,
         jobs_queue=args.jobs_queue,

@@ -14,6 +14,13 @@ in-repo OAuth test server as provider, prepares the users below and sets:
 
 A missing variable fails the tests; none is skipped. The connect flow is walked as a browser
 would, with the helpers of scripts/connect-as-browser.py.
+
+`ClusterProtections` needs only the broker (MCP_CLIENT_AMQP_URL): the test plays the worker on a
+jobs queue of its own, and puts a TCP proxy of its own between the client and the broker to cut
+the client's connection (or refuse it) without touching the broker or anyone else's connection:
+
+    MCP_CLIENT_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
+        .venv/client/bin/python -m unittest -v examples/python/test_client.py -k ClusterProtections
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import asyncio
 import importlib.util
 import json
 import os
+import socket
 import sys
+import time
 import unittest
 import urllib.parse
 import uuid
@@ -30,13 +39,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+from yarl import URL
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from mcp_worker_client import (  # noqa: E402  (after the path set-up above)
+import mcp_worker_client  # noqa: E402  (after the path set-up above)
+from mcp_worker_client import (  # noqa: E402
+    BrokerUnavailable,
     CallTimeout,
     JobNotDelivered,
     McpWorkerClient,
@@ -45,6 +60,7 @@ from mcp_worker_client import (  # noqa: E402  (after the path set-up above)
     Forbidden,
     ReauthRequired,
     ToolCallFailed,
+    redact,
 )
 
 
@@ -207,7 +223,7 @@ class ClientAgainstTheWorker(unittest.IsolatedAsyncioTestCase):
                     await client.call("u-1", "echo", {"text": "hi"}, timeout=0.5)
                 self.assertIsInstance(caught.exception, TimeoutError)
                 self.assertEqual(client._pending, {}, "the timed-out call no longer waits")
-                reply_queue = client._reply_queue.name if client._reply_queue else None
+                reply_queue = client.reply_queue
 
             message = await queue.get(no_ack=True, fail=True, timeout=5)
             assert message is not None
@@ -239,8 +255,426 @@ class ClientAgainstTheWorker(unittest.IsolatedAsyncioTestCase):
             with self.assertRaises(JobNotDelivered):
                 await client.call("u-1", "echo", {"text": "hi"}, timeout=30)
 
+    async def test_a_call_survives_the_loss_of_its_connection(self) -> None:
+        # The client's own connection is cut (a proxy of the test's between it and the broker)
+        # while the worker runs the job: the client reconnects and publishes the job again, and
+        # the worker's reply (kept in the quorum reply queue meanwhile) or its replay comes back.
+        user = setting("MCP_CLIENT_TEST_CONNECTED_USER")
+        proxy = await Proxy(setting("MCP_CLIENT_AMQP_URL")).start()
+        try:
+            async with new_client(amqp_url=None, amqp_urls=[proxy.url]) as client:
+                call = asyncio.create_task(client.call(user, "sleep", {"seconds": 2}, timeout=30))
+                await asyncio.sleep(0.7)  # published, and running
+                proxy.drop()
+                self.assertEqual(text_of(await call), "slept")
+                self.assertEqual(client.reconnects, 1)
+                self.assertEqual(client._pending, {})
+                result = await client.call(user, "echo", {"text": "after"}, timeout=30)
+                self.assertEqual(text_of(result), "after")
+        finally:
+            await proxy.close()
+
     async def test_the_service_key_stays_out_of_reprs(self) -> None:
         self.assertNotIn(setting("MCP_CLIENT_SERVICE_KEY"), repr(self.client))
+
+
+# ---------------------------------------------------------------- cluster protections
+#
+# The test plays the worker: `FakeWorker` owns a jobs queue and answers what it takes from it,
+# and `Proxy` stands between the client and the broker, so the client's own connection can be cut
+# (or refused) while the broker and every other connection stay up.
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def with_port(url: str, port: int) -> str:
+    return str(URL(url).with_host("127.0.0.1").with_port(port))
+
+
+def ok_reply(message: aio_pika.abc.AbstractIncomingMessage, text: str) -> dict[str, Any]:
+    job = json.loads(message.body)
+    return {"status": "ok", "job_id": job["job_id"], "result": {"content": [{"type": "text", "text": text}], "isError": False}}
+
+
+class Proxy:
+    """A TCP proxy to the broker, on a loopback port of its own. `drop()` cuts every connection
+    through it (both sockets aborted: no AMQP close, as when a node dies or the network goes);
+    `pause()` also stops accepting, so the port refuses; `resume()` listens again on the same port;
+    `stall()` stops forwarding what the broker sends (confirms, deliveries) until the next drop."""
+
+    def __init__(self, upstream_url: str) -> None:
+        upstream = URL(upstream_url)
+        self.upstream = (upstream.host or "127.0.0.1", upstream.port or 5672)
+        self.template = upstream_url
+        self.port = 0
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+        self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return with_port(self.template, self.port)
+
+    async def start(self) -> Proxy:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.pairs.append((writer, up_writer))
+        for task in (self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)):
+            t = asyncio.create_task(task)
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, downstream: bool) -> None:
+        try:
+            while data := await source.read(65536):
+                if downstream:
+                    await self.flowing.wait()
+                if sink.is_closing():
+                    return
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sink.transport.abort()
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def drop(self) -> None:
+        for client_side, broker_side in self.pairs:
+            client_side.transport.abort()
+            broker_side.transport.abort()
+        self.pairs.clear()
+        self.flowing.set()
+
+    async def pause(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.drop()
+
+    async def resume(self) -> None:
+        await self.start()
+
+    async def close(self) -> None:
+        await self.pause()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class FakeWorker:
+    """Takes jobs from a queue of its own (exclusive: it goes with this connection) and answers
+    them as the worker would: to `reply_to`, with the job's `correlation_id`, mandatory (so a
+    reply to a queue that is not there raises instead of vanishing)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.queue_name = f"py-client-test.jobs.{uuid.uuid4().hex}"
+
+    async def start(self) -> FakeWorker:
+        async with asyncio.timeout(10):  # a broker that stalls fails the test, not hangs it
+            self.connection = await aio_pika.connect(self.url)
+            self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+            self.queue = await self.channel.declare_queue(self.queue_name, exclusive=True)
+        return self
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def next_job(self, timeout: float = 10.0) -> aio_pika.abc.AbstractIncomingMessage:
+        """The next job published to the queue; fails after `timeout` seconds without one."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            message = await self.queue.get(no_ack=True, fail=False)
+            if message is not None:
+                return message
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no job arrived within {timeout} s")
+
+    async def no_job(self, wait: float = 0.5) -> None:
+        await asyncio.sleep(wait)
+        message = await self.queue.get(no_ack=True, fail=False)
+        assert message is None, f"unexpected job {message.body!r}"
+
+    async def reply(self, job: aio_pika.abc.AbstractIncomingMessage, body: dict[str, Any]) -> None:
+        assert job.reply_to, "the job has a reply_to"
+        async with asyncio.timeout(10):
+            await self.channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(body).encode(),
+                    content_type="application/json",
+                    correlation_id=job.correlation_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=job.reply_to,
+                mandatory=True,
+            )
+
+
+def broker_client(urls: list[str], jobs_queue: str, **overrides: Any) -> McpWorkerClient:
+    """A client for the broker-only tests: the HTTP API is never called there."""
+    settings: dict[str, Any] = {
+        "amqp_urls": urls,
+        "api_url": "http://127.0.0.1:9",
+        "service_key": "unused-in-these-tests",
+        "jobs_queue": jobs_queue,
+        "reply_queue_expires_secs": 60,  # a queue a failed test leaves behind goes soon
+        "reconnect_backoff_secs": 0.05,
+        "reconnect_backoff_max_secs": 0.5,
+        "connect_timeout": 3,
+    }
+    settings.update(overrides)
+    return McpWorkerClient(**settings)
+
+
+async def eventually(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+class ClusterProtections(unittest.IsolatedAsyncioTestCase):
+    """What a publisher on a cluster must do, each test failing if its protection is removed."""
+
+    async def asyncSetUp(self) -> None:
+        self.url = setting("MCP_CLIENT_AMQP_URL")
+        self.worker = await FakeWorker(self.url).start()
+        self.proxies: list[Proxy] = []
+        self.clients: list[McpWorkerClient] = []
+
+    async def asyncTearDown(self) -> None:
+        for client in self.clients:
+            await client.close()
+        for proxy in self.proxies:
+            await proxy.close()
+        await self.worker.close()
+
+    async def proxy(self) -> Proxy:
+        proxy = await Proxy(self.url).start()
+        self.proxies.append(proxy)
+        return proxy
+
+    async def connected(self, urls: list[str], *, start: int | None = 0, **overrides: Any) -> McpWorkerClient:
+        """A connected client; `start` fixes which address it tries first (else random)."""
+        if start is None:
+            client = broker_client(urls, self.worker.queue_name, **overrides)
+        else:
+            with mock.patch.object(mcp_worker_client.random, "randrange", return_value=start):
+                client = broker_client(urls, self.worker.queue_name, **overrides)
+        self.clients.append(client)
+        await client.connect()
+        return client
+
+    # -- deduplication by job_id
+
+    async def test_the_first_reply_wins_and_a_duplicate_is_acked_and_dropped(self) -> None:
+        # One reply in flight at a time: a duplicate left unacked would hold back every later reply.
+        client = await self.connected([self.url], reply_prefetch=1)
+        call = asyncio.create_task(client.call("u-1", "echo", {"text": "x"}, timeout=10))
+        job = await self.worker.next_job()
+        await self.worker.reply(job, ok_reply(job, "first"))
+        await self.worker.reply(job, ok_reply(job, "second"))  # the worker resent it, say
+        self.assertEqual(text_of(await call), "first")
+
+        later = asyncio.create_task(client.call("u-1", "echo", {"text": "y"}, timeout=5))
+        job = await self.worker.next_job()
+        await self.worker.reply(job, ok_reply(job, "the next call's"))
+        self.assertEqual(text_of(await later), "the next call's", "the duplicate was acked, so replies flow")
+        self.assertEqual(client.replies_dropped, 1)
+        self.assertEqual(client._pending, {})
+        queue = await self.worker.channel.declare_queue(client.reply_queue, passive=True)
+        self.assertEqual(queue.declaration_result.message_count, 0)
+
+    async def test_a_late_reply_to_another_call_that_reused_the_job_id_is_not_taken(self) -> None:
+        client = await self.connected([self.url])
+        job_id = str(uuid.uuid4())
+        with self.assertRaises(CallTimeout):
+            await client.call("u-1", "echo", {"text": "old"}, timeout=0.3, job_id=job_id)
+        old = await self.worker.next_job()
+        call = asyncio.create_task(client.call("u-1", "echo", {"text": "new"}, timeout=10, job_id=job_id))
+        new = await self.worker.next_job()
+        self.assertNotEqual(old.correlation_id, new.correlation_id, "another call, another correlation_id")
+        await self.worker.reply(old, ok_reply(old, "the old call's result"))
+        await asyncio.sleep(0.3)
+        self.assertFalse(call.done(), "the old call's reply was taken for the new one")
+        await self.worker.reply(new, ok_reply(new, "the new call's result"))
+        self.assertEqual(text_of(await call), "the new call's result")
+
+        # The same call again, with the same job_id, is the same correlation_id (a retry).
+        retry = asyncio.create_task(client.call("u-1", "echo", {"text": "new"}, timeout=10, job_id=job_id))
+        again = await self.worker.next_job()
+        self.assertEqual(again.correlation_id, new.correlation_id)
+        await self.worker.reply(again, ok_reply(again, "replayed"))
+        self.assertEqual(text_of(await retry), "replayed")
+
+    async def test_a_second_concurrent_call_with_the_same_job_id_is_refused(self) -> None:
+        client = await self.connected([self.url])
+        job_id = str(uuid.uuid4())
+        first = asyncio.create_task(client.call("u-1", "echo", {}, timeout=5, job_id=job_id))
+        job = await self.worker.next_job()
+        with self.assertRaises(ValueError):
+            await client.call("u-1", "echo", {}, timeout=5, job_id=job_id)
+        await self.worker.reply(job, ok_reply(job, "one"))
+        self.assertEqual(text_of(await first), "one")
+
+    # -- resending after a reconnect
+
+    async def test_a_job_unanswered_when_the_connection_drops_is_published_again_identically(self) -> None:
+        proxy = await self.proxy()
+        client = await self.connected([proxy.url])
+        call = asyncio.create_task(client.call("u-1", "echo", {"text": "x"}, timeout=15))
+        first = await self.worker.next_job()
+        proxy.drop()  # the client's own connection, cut without a close
+        second = await self.worker.next_job()
+        self.assertEqual(second.body, first.body, "same job_id, same body (same deadline)")
+        self.assertEqual(
+            (second.message_id, second.correlation_id, second.reply_to),
+            (first.message_id, first.correlation_id, client.reply_queue),
+        )
+        self.assertEqual(client.reconnects, 1)
+        await self.worker.reply(second, ok_reply(second, "answered after the reconnect"))
+        self.assertEqual(text_of(await call), "answered after the reconnect")
+        await self.worker.no_job()
+
+    async def test_a_job_whose_confirm_was_lost_with_the_connection_is_published_again(self) -> None:
+        proxy = await self.proxy()
+        client = await self.connected([proxy.url])
+        proxy.stall()  # from now on nothing the broker sends reaches the client: no confirm
+        call = asyncio.create_task(client.call("u-1", "echo", {"text": "x"}, timeout=15))
+        first = await self.worker.next_job()  # the broker has it; the client does not know
+        await asyncio.sleep(0.3)
+        self.assertFalse(call.done())
+        self.assertEqual(client._pending[first.message_id].publishes, 1)
+        proxy.drop()
+        second = await self.worker.next_job()
+        self.assertEqual((second.body, second.correlation_id), (first.body, first.correlation_id))
+        # The worker answers both copies (the second from its recorded reply): one result.
+        await self.worker.reply(first, ok_reply(first, "recorded"))
+        await self.worker.reply(second, ok_reply(second, "recorded"))
+        self.assertEqual(text_of(await call), "recorded")
+        await eventually(lambda: client.replies_dropped == 1, "the second copy's reply is dropped")
+
+    async def test_a_job_unanswered_across_reconnects_ends_at_its_deadline(self) -> None:
+        proxy = await self.proxy()
+        client = await self.connected([proxy.url])
+        call = asyncio.create_task(client.call("u-1", "echo", {}, timeout=1.5))
+        await self.worker.next_job()
+        await proxy.pause()  # the connection is cut and the address refuses
+        started = time.monotonic()
+        with self.assertRaises(CallTimeout):
+            await call
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(client._pending, {})
+        await proxy.resume()
+        await eventually(lambda: client.current_address is not None, "the client reconnects")
+
+    # -- a reply queue that survives the connection
+
+    async def test_the_reply_queue_is_a_durable_quorum_queue_deleted_by_close(self) -> None:
+        client = await self.connected([self.url])
+        name = client.reply_queue
+        self.assertTrue(name.startswith("mcp.replies."), name)
+        # Declaring it with other arguments is refused (inequivalent x-queue-type): it is a quorum queue.
+        probe = await self.worker.connection.channel()
+        with self.assertRaises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await probe.declare_queue(name, durable=True, arguments={"x-queue-type": "classic"})
+        probe = await self.worker.connection.channel()
+        with self.assertRaises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await probe.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})  # no x-expires
+        await client.close()
+        probe = await self.worker.connection.channel()
+        with self.assertRaises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await probe.declare_queue(name, passive=True)
+
+    async def test_a_reply_published_while_the_client_is_disconnected_waits_for_it(self) -> None:
+        proxy = await self.proxy()
+        client = await self.connected([proxy.url])
+        call = asyncio.create_task(client.call("u-1", "echo", {}, timeout=15))
+        job = await self.worker.next_job()
+        await proxy.pause()
+        await eventually(lambda: client.current_address is None, "the client sees its connection go")
+        # An exclusive reply queue would be gone with the connection: this publish would be
+        # returned (PublishError), as the worker's reply would be, and dropped.
+        await self.worker.reply(job, ok_reply(job, "kept for you"))
+        await proxy.resume()
+        self.assertEqual(text_of(await call), "kept for you")
+
+    # -- several addresses
+
+    async def test_connect_moves_past_an_address_that_refuses(self) -> None:
+        refused = with_port(self.url, closed_port())
+        client = await self.connected([refused, self.url], start=0)
+        self.assertEqual(client.current_address, redact(self.url))
+        call = asyncio.create_task(client.call("u-1", "echo", {}, timeout=10))
+        job = await self.worker.next_job()
+        await self.worker.reply(job, ok_reply(job, "via the second address"))
+        self.assertEqual(text_of(await call), "via the second address")
+
+    async def test_a_lost_connection_moves_to_the_next_address_and_the_job_follows(self) -> None:
+        first, second = await self.proxy(), await self.proxy()
+        client = await self.connected([first.url, second.url], start=0)
+        self.assertEqual(client.current_address, redact(first.url))
+        call = asyncio.create_task(client.call("u-1", "echo", {}, timeout=15))
+        await self.worker.next_job()
+        await first.pause()  # the node is gone: its connections cut, its port refuses
+        job = await self.worker.next_job()
+        self.assertEqual(client.current_address, redact(second.url))
+        self.assertEqual(second.accepted, 1)
+        await self.worker.reply(job, ok_reply(job, "from the other node"))
+        self.assertEqual(text_of(await call), "from the other node")
+
+    async def test_connect_fails_when_no_address_answers_and_names_no_password(self) -> None:
+        urls = [with_port("amqp://someone:pw-s3cret@127.0.0.1/%2f", closed_port()) for _ in range(2)]
+        client = broker_client(urls, self.worker.queue_name)
+        started = time.monotonic()
+        with self.assertRaises(BrokerUnavailable) as caught:
+            await client.connect()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIsInstance(caught.exception, OSError)
+        self.assertNotIn("pw-s3cret", str(caught.exception))
+        self.assertNotIn("pw-s3cret", repr(client))
+        with self.assertRaises(RuntimeError):
+            await client.call("u-1", "echo", {})
+
+    async def test_clients_start_at_random_addresses_and_back_off_within_bounds(self) -> None:
+        urls = [f"amqp://127.0.0.1:{5701 + i}/%2f" for i in range(3)]
+        starts = {broker_client(urls, "q")._next_index for _ in range(60)}
+        self.assertEqual(starts, {0, 1, 2})
+        client = broker_client(urls, "q", reconnect_backoff_secs=0.1, reconnect_backoff_max_secs=2)
+        delays = [client._delay(attempt) for attempt in range(1, 40)]
+        self.assertTrue(all(0.05 <= d <= 2 for d in delays), delays)
+        self.assertGreater(delays[-1], delays[0])
+
+    async def test_a_single_url_is_still_accepted(self) -> None:
+        client = McpWorkerClient(amqp_url=self.url, api_url="http://127.0.0.1:9", service_key="k",
+                                 jobs_queue=self.worker.queue_name)
+        self.clients.append(client)
+        await client.connect()
+        self.assertEqual(client.current_address, redact(self.url))
+        with self.assertRaises(ValueError):
+            McpWorkerClient(amqp_url=self.url, amqp_urls=[self.url], api_url="x", service_key="k")
+
 
 
 if __name__ == "__main__":
