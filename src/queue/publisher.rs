@@ -8,7 +8,9 @@
 //! Every publish to a named queue is mandatory, and a copy of a job that no queue took (a
 //! delay, retry or dead-letter queue that is not there) is an error, never a success: the job
 //! is then requeued rather than acked. A confirm is awaited at most [`CONFIRM_TIMEOUT`]: a
-//! quorum queue without a majority holds its confirms, and no job waits on that forever.
+//! quorum queue without a majority holds its confirms, and no job waits on that forever. A
+//! nack is tried again, with backoff, for about 8 s: that is how a quorum queue answers while it
+//! elects a new leader.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,10 @@ use super::{Delivery, Header, QueueError};
 
 /// The longest wait for the broker's confirm of one publish.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a nacked publish is sent, and the first wait between two tries (it doubles):
+/// 0.25 + 0.5 + … + 4 s, about 8 s in all, covers a quorum queue's leader election.
+const NACK_ATTEMPTS: u32 = 6;
+const NACK_FIRST_WAIT: Duration = Duration::from_millis(250);
 
 /// Header naming why the worker dead-lettered a message.
 pub(crate) const REASON_HEADER: &str = "x-mcp-worker-reason";
@@ -165,7 +171,32 @@ impl Publisher {
         }
     }
 
+    /// Publishes on `channel`, again after a nack: a quorum queue nacks while it elects a new
+    /// leader (its old one's node died), which takes seconds, and a job requeued at once for
+    /// every nack would spend its whole delivery limit in that time. A message the broker nacked
+    /// may still have been taken; a copy too many is what a job's claim makes harmless.
     async fn publish_on(
+        &self,
+        channel: &lapin::Channel,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Published, QueueError> {
+        let mut wait = NACK_FIRST_WAIT;
+        for _ in 1..NACK_ATTEMPTS {
+            match self.publish_once(channel, queue, body, properties.clone()).await {
+                Err(QueueError::Nacked) => {
+                    tracing::debug!(retry_in_ms = wait.as_millis() as u64, "publish nacked; sending it again");
+                    tokio::time::sleep(wait).await;
+                    wait = wait.saturating_mul(2);
+                }
+                outcome => return outcome,
+            }
+        }
+        self.publish_once(channel, queue, body, properties).await
+    }
+
+    async fn publish_once(
         &self,
         channel: &lapin::Channel,
         queue: &str,

@@ -13,6 +13,7 @@
 #[path = "../integration/support/mod.rs"]
 mod support;
 
+mod cluster;
 mod rig;
 
 use std::collections::BTreeSet;
@@ -218,4 +219,10 @@ async fn mcp_faults_are_retried_per_policy_then_answered_with_a_clear_error_befo
         assert!(arrived < near_deadline + chrono::Duration::seconds(2), "{mode}: answered at {arrived}");
     }
     rig.finish().await;
+}
+
+#[tokio::test]
+async fn on_a_3_node_cluster_no_fault_of_one_node_loses_a_job_or_runs_one_twice() {
+    let _serial = serial();
+    cluster::run_all().await;
 }

@@ -68,8 +68,11 @@ impl Rig {
             reader: None,
         };
         let client = rig.channel().await.expect("RabbitMQ is reachable");
+        // A quorum queue: on a cluster, it survives the loss of any one node.
         let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        client.channel.queue_declare(rig.reply_queue.as_str().into(), durable, FieldTable::default()).await.unwrap();
+        let mut quorum = FieldTable::default();
+        quorum.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+        client.channel.queue_declare(rig.reply_queue.as_str().into(), durable, quorum).await.unwrap();
         rig
     }
 
@@ -108,40 +111,63 @@ impl Rig {
 
     /// Stores the rig's token for `user` straight into the database, as the connect flow would.
     pub async fn connect_user(&self, user: &str) {
+        self.connect_user_until(user, chrono::Utc::now() + chrono::Duration::hours(6)).await;
+    }
+
+    /// Stores the rig's token for `user`, expiring at `expires_at`.
+    pub async fn connect_user_until(&self, user: &str, expires_at: chrono::DateTime<chrono::Utc>) {
         let store = mcp_worker::store::Store::connect(&self.settings.mongodb).await.unwrap();
         let cipher =
             std::sync::Arc::new(mcp_worker::crypto::TokenCipher::from_settings(&self.settings.encryption).unwrap());
         let tokens = mcp_worker::store::NewTokens {
             access_token: mcp_worker::secret::Secret::new(ACCESS_TOKEN.to_owned()),
             refresh_token: mcp_worker::secret::Secret::new(REFRESH_TOKEN.to_owned()),
-            expires_at: chrono::Utc::now() + chrono::Duration::hours(6),
+            expires_at,
         };
         let now = chrono::Utc::now();
         store.tokens(mcp_worker::provider::Provider::Qlik, &cipher).save(user, &tokens, now).await.unwrap();
     }
 
-    /// A fresh client connection and a channel on it.
+    /// A fresh client connection and a channel on it, on the first broker address that answers.
     async fn channel(&self) -> Result<Client, lapin::Error> {
-        let connection = Connection::connect(self.settings.amqp.url.expose(), ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        Ok(Client { channel, _connection: connection })
+        let mut failed = None;
+        for address in self.settings.amqp.addresses() {
+            match Connection::connect(address.expose(), ConnectionProperties::default()).await {
+                Ok(connection) => {
+                    let channel = connection.create_channel().await?;
+                    return Ok(Client { channel, _connection: connection });
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        Err(failed.expect("there is at least one address"))
     }
 
-    /// Publishes one persistent job per `(job_id, tool, arguments)`, each with a reply_to on the
-    /// rig's durable reply queue, and waits for every confirm.
+    /// Publishes one persistent job per `(job_id, tool, arguments)` for alice, each with a
+    /// reply_to on the rig's durable reply queue, and waits for every confirm.
     pub async fn publish(&self, jobs: impl IntoIterator<Item = (String, &str, Value, Option<String>)>) {
-        let client = self.channel().await.expect("RabbitMQ is reachable");
-        let channel = &client.channel;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-        let mut confirms = Vec::new();
-        for (job_id, tool, arguments, deadline) in jobs {
+        self.publish_bodies(jobs.into_iter().map(|(job_id, tool, arguments, deadline)| {
             let mut job = json!({ "job_id": job_id, "user_id": "alice", "tool": tool, "arguments": arguments });
             if let Some(deadline) = deadline {
                 job["deadline"] = json!(deadline);
             }
+            (job_id, serde_json::to_vec(&job).unwrap())
+        }))
+        .await;
+    }
+
+    /// Publishes each `(job_id, body)` as it is (the job_id also as its message id), with a
+    /// reply_to on the rig's reply queue, and waits for every confirm.
+    pub async fn publish_bodies(&self, jobs: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        let client = self.channel().await.expect("RabbitMQ is reachable");
+        let channel = &client.channel;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let mut confirms = Vec::new();
+        for (job_id, body) in jobs {
             let properties = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2)
+                .with_message_id(job_id.as_str().into())
                 .with_correlation_id(job_id.as_str().into())
                 .with_reply_to(self.reply_queue.as_str().into());
             let confirm = channel
@@ -149,7 +175,7 @@ impl Rig {
                     "".into(),
                     self.settings.amqp.jobs_queue.as_str().into(),
                     BasicPublishOptions { mandatory: true, ..Default::default() },
-                    &serde_json::to_vec(&job).unwrap(),
+                    &body,
                     properties,
                 )
                 .await
@@ -188,6 +214,16 @@ impl Rig {
         }
     }
 
+    /// Every line any worker logged that contains `text`, for a failing test to show.
+    pub fn log_lines(&self, text: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        for index in 0..self.workers.len() {
+            let log = std::fs::read_to_string(self.logs.path().join(format!("worker-{index}.log"))).unwrap_or_default();
+            lines.extend(log.lines().filter(|l| l.contains(text)).map(|l| format!("worker {index}: {l}")));
+        }
+        lines
+    }
+
     /// Takes every reply waiting now.
     pub async fn read_replies(&mut self) -> Result<(), lapin::Error> {
         let reader = match self.reader.take() {
@@ -204,6 +240,18 @@ impl Rig {
         // Kept only when it worked: after an error the next call connects afresh.
         self.reader = Some(reader);
         Ok(())
+    }
+
+    /// The message ids of the messages in the dead-letter queue now (taken off it).
+    pub async fn dead_lettered(&self) -> Vec<String> {
+        let client = self.channel().await.expect("RabbitMQ is reachable");
+        let queue = self.settings.amqp.dead_letter_queue.as_str();
+        let mut ids = Vec::new();
+        let get = BasicGetOptions { no_ack: true };
+        while let Some(message) = client.channel.basic_get(queue.into(), get).await.unwrap() {
+            ids.push(message.delivery.properties.message_id().as_ref().map(|id| id.to_string()).unwrap_or_default());
+        }
+        ids
     }
 
     /// How many times the MCP server ran the tool for each job id (from its request log).
