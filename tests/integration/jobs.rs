@@ -211,7 +211,9 @@ async fn a_deadline_during_the_call_gives_deadline_exceeded() {
     let server = McpServer::spawn(Flavor::V1Json).await;
     let app = spawn_app(&server.url()).await;
 
-    let deadline = (chrono::Utc::now() + chrono::Duration::milliseconds(1500)).to_rfc3339();
+    // Far enough that the call starts even on a loaded broker (1.5 s once was not, in CI, with
+    // the suite's quorum queues being created around it), well before the 10 s the tool sleeps.
+    let deadline = (chrono::Utc::now() + chrono::Duration::milliseconds(4000)).to_rfc3339();
     let job = json!({ "job_id": "job-1", "user_id": "alice", "tool": "sleep", "arguments": { "seconds": 10 }, "deadline": deadline });
     app.publish(&serde_json::to_vec(&job).unwrap(), None).await;
     let (reply, _) = app.next_reply().await;
