@@ -25,7 +25,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection};
 
-use super::topology::{Refusal, declare_queue};
+use super::topology::{Refusal, declare_queue, quorum};
 use super::{Broker, QueueError, Topology};
 
 /// How often one queue's emptying and deletion is tried while messages keep coming into it.
@@ -92,7 +92,7 @@ async fn migrate_queue(
         // a queue is taken for an earlier version's only if it is exactly what that declared.
         Err(refusal) if is_declared_as(connection, name, classic.as_ref()).await => {
             tracing::info!(queue = name, refusal = ?refusal, "replacing an earlier version's classic queue");
-            declare_queue(connection, &holding, quorum_args()).await.map_err(|r| r.into_error(&holding))?;
+            declare_queue(connection, &holding, quorum()).await.map_err(|r| r.into_error(&holding))?;
             let mut moved = 0;
             let mut attempt = 1;
             loop {
@@ -116,12 +116,6 @@ async fn migrate_queue(
         let _ = channel.close(200, "migrated".into()).await;
     }
     Ok(outcome)
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
-    args
 }
 
 /// Whether a queue of this name exists (a passive declaration, on a channel of its own since a

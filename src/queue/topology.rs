@@ -48,7 +48,8 @@ pub struct Topology {
     pub events_exchange: String,
 }
 
-fn quorum() -> FieldTable {
+/// The arguments of a plain quorum queue.
+pub(super) fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
