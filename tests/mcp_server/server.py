@@ -5,12 +5,62 @@ Runs unchanged under the official MCP Python SDK 1.x (`mcp==1.30.0`, FastMCP)
 and 2.x (`mcp==2.3.0`, MCPServer); the SDK generation is detected by import.
 
     server.py --port P [--host 127.0.0.1] [--json-response] --log FILE [--allowed-host NAME]
+              [--page-size N] [--list-ttl-ms MS] [--list-scope public|private]
 
 MCP is served at `/mcp`, stateless. Every HTTP request is appended to FILE as
-one JSON line (flushed at once) before the SDK handles it.
+one JSON line (flushed at once) before the SDK handles it: `method`, `path`,
+`x_qlik_access_token`, `authorization`, `accept`, `mcp_method` (the JSON-RPC
+method), `tool` and `arguments` (of a `tools/call`), `cursor` (`params.cursor`
+of a `tools/list`); a field that does not apply is null.
 
-Tools: `qlik_whoami`, `echo(text)`, `qlik_fail` (isError: true), `count_job(job_id)`
-("ok"), `sleep(seconds)` and `flaky(job_id, mode, times)` ("ok").
+Tools, in this (stable) order, with their MCP annotations:
+
+    qlik_whoami          title "Who am I"; readOnlyHint, idempotentHint. Returns
+                         the X-Qlik-Access-Token and Authorization headers received.
+    echo(text)           readOnlyHint. Returns `text`.
+    qlik_fail            the result carries isError: true.
+    count_job(job_id)    readOnlyHint=false, destructiveHint=false,
+                         idempotentHint=false. Returns "ok".
+    sleep(seconds)       returns "slept" after `seconds`.
+    flaky(job_id, mode, times)   returns "ok" (see below).
+    qlik_delete_note(note)       readOnlyHint=false, destructiveHint=true.
+                         Returns "deleted" (nothing is stored, nothing deleted).
+    qlik_for_<sha8>      only for a `tools/list` carrying a non-empty
+                         X-Qlik-Access-Token: see "Token-dependent tool list".
+
+Token-dependent tool list. A `tools/list` request whose X-Qlik-Access-Token
+header is non-empty lists, after the tools above, one more tool named
+`qlik_for_` + the first 8 hex digits of sha256(the header's bytes, i.e. the
+token as UTF-8): e.g. token "abc" gives `qlik_for_ba7816bf`. Without the header
+it is absent, so two tokens see two different lists. Calling it with the same
+token returns "ok"; with another token (or none) it is an unknown tool
+(isError: true). Both SDKs do this through their own tool-list mechanism: the
+`tools/list` handler of the low-level server is replaced by one that reads the
+request's headers from the request context (mcp<2: `_mcp_server.list_tools()`;
+mcp>=2: `add_request_handler("tools/list", ...)`), and `call_tool` is
+overridden for the token's tool; no bytes are rewritten in middleware.
+
+Paging (`--page-size N`). Without it `tools/list` answers every tool in one
+page. With it, N tools per page in the order above, with an opaque
+`nextCursor` (base64url of "offset:<index>") on every page but the last; a
+request with that cursor gets the next page. A cursor this server did not
+issue (not base64url of "offset:<index>" with the index inside the list) is
+answered with the JSON-RPC error -32602 (invalid params), with or without
+`--page-size` (mcp>=2 sends it with HTTP 400 on protocol 2026-07-28, HTTP 200
+on older versions; mcp<2 with HTTP 200). (Under mcp<2 the SDK lists tools internally, without a request,
+before a `tools/call` of a tool it has not seen listed; that internal listing
+is always the whole list, so validation finds every tool whatever the paging.)
+
+Caching hints (`--list-ttl-ms MS`, `--list-scope public|private`; protocol
+2026-07-28). Given either, the `tools/list` result carries `ttlMs` (default 0)
+and `cacheScope` (default "private"). mcp>=2 does it through the SDK
+(`MCPServer(cache_hints={"tools/list": CacheHint(...)})`), and only on the
+2026-07-28 wire: answering an older protocol version the SDK leaves both out.
+Without the flags mcp>=2 still sends its own default, `"ttlMs": 0,
+"cacheScope": "private"` (on 2026-07-28). mcp<2 knows neither field, but its
+result types accept extra fields: with a flag given the server adds both to
+the result as such, at every protocol version; without the flags it sends
+neither, as before.
 
 `flaky` exercises the worker's retry policy. FaultMiddleware (inside the request
 log, so every attempt is still logged) counts the `tools/call` POSTs of `flaky`
@@ -34,31 +84,46 @@ whose `X-Qlik-Access-Token` starts with `refused-`, or of the tool `qlik_refused
 whatever its token, gets HTTP 401 (the token was revoked before its expiry); one
 of the tool `qlik_forbidden` gets HTTP 403 with an OAuth-style JSON error whose
 `error_description` says the role lacks the "Qlik MCP: Allowed" permission.
+Only `tools/call` is refused: a `tools/list` with a `refused-` token is answered
+by the SDK as any other (and lists that token's `qlik_for_` tool).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import hashlib
 import json
 import os
+import re
 import sys
 from typing import Any
 
+import mcp.types as mcp_types
 import uvicorn
 
 try:  # mcp >= 2
+    from mcp.server.caching import CacheHint
     from mcp.server.mcpserver import Context, MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.server.mcpserver.tools import ToolManager
+    from mcp.shared.exceptions import MCPError
 
     SDK_MAJOR = 2
+    _SdkServer: Any = MCPServer
 except ImportError:  # mcp < 2
     from mcp.server.fastmcp import Context, FastMCP
     from mcp.server.fastmcp.exceptions import ToolError
+    from mcp.server.fastmcp.tools import ToolManager
+    from mcp.shared.exceptions import McpError
 
     SDK_MAJOR = 1
+    _SdkServer = FastMCP
 
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import ListToolsResult, ToolAnnotations
 
 
 def _request_headers(ctx: Context) -> Any:
@@ -78,6 +143,140 @@ def _header(headers: Any, name: str) -> str | None:
     return value
 
 
+TOKEN_TOOL_PREFIX = "qlik_for_"
+# The token tool is registered once under this name in a ToolManager of its own
+# (never listed as such) and listed/called under the token's name.
+_TOKEN_TOOL_TEMPLATE = "qlik_for_token"
+
+
+def token_tool_name(token: str) -> str:
+    """`qlik_for_` + the first 8 hex digits of sha256 of the token's UTF-8 bytes."""
+    try:
+        # Starlette decodes header values as latin-1: this gives back the bytes
+        # received, which are the token's UTF-8 (and its ASCII, for any real token).
+        raw = token.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = token.encode("utf-8")
+    return TOKEN_TOOL_PREFIX + hashlib.sha256(raw).hexdigest()[:8]
+
+
+def _encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"offset:{offset}".encode("ascii")).decode("ascii")
+
+
+def _invalid_params(message: str) -> Exception:
+    if SDK_MAJOR >= 2:
+        return MCPError(code=mcp_types.INVALID_PARAMS, message=message)
+    return McpError(mcp_types.ErrorData(code=mcp_types.INVALID_PARAMS, message=message))
+
+
+def _decode_cursor(cursor: Any, count: int) -> int:
+    """The offset a cursor of ours names; JSON-RPC -32602 for anything else."""
+    try:
+        text = base64.b64decode(str(cursor).encode("ascii"), altchars=b"-_", validate=True).decode("ascii")
+    except (UnicodeError, binascii.Error, ValueError):
+        text = ""
+    match = re.fullmatch(r"offset:(0|[1-9][0-9]{0,8})", text)
+    if match is None or int(match.group(1)) >= count:
+        raise _invalid_params(f"Invalid cursor: {cursor!r}")
+    return int(match.group(1))
+
+
+class ToolListServer(_SdkServer):  # type: ignore[misc, valid-type]
+    """The SDK's server (FastMCP or MCPServer) with this test server's `tools/list`.
+
+    The list depends on the request's X-Qlik-Access-Token and is paged by
+    `page_size` (see the module doc). It replaces the low-level server's
+    `tools/list` handler through the SDK's own registration, so the SDK still
+    frames, validates and caches (mcp>=2: `cache_hints`) the result.
+    """
+
+    def __init__(self, *args: Any, page_size: int | None = None, list_hint: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.page_size = page_size
+        # mcp<2 only: extra result fields {"ttlMs", "cacheScope"} (mcp>=2 uses cache_hints).
+        self.list_hint = list_hint or {}
+        self.token_tools = ToolManager()
+
+        def qlik_for_token() -> str:
+            """Visible only to the holder of this token; returns "ok"."""
+            return "ok"
+
+        self.token_tools.add_tool(
+            qlik_for_token,
+            name=_TOKEN_TOOL_TEMPLATE,
+            description="Visible only to the holder of this token",
+            annotations=ToolAnnotations(readOnlyHint=True, idempotentHint=True),
+        )
+
+        if SDK_MAJOR >= 2:
+
+            async def list_tools_v2(ctx: Any, params: Any) -> ListToolsResult:
+                headers = getattr(getattr(ctx, "request", None), "headers", None)
+                tools, next_cursor = await self.tools_page(headers, getattr(params, "cursor", None))
+                # ttl_ms/cache_scope left unset: the SDK fills them from cache_hints.
+                return ListToolsResult(tools=tools, next_cursor=next_cursor)
+
+            self._lowlevel_server.add_request_handler("tools/list", mcp_types.PaginatedRequestParams, list_tools_v2)
+        else:
+
+            async def list_tools_v1(req: mcp_types.ListToolsRequest) -> ListToolsResult:
+                request = getattr(self._mcp_server.request_context, "request", None)
+                headers = getattr(request, "headers", None)
+                if req is None:
+                    # The SDK's own listing before a tools/call of a tool it has not
+                    # seen (to validate its output): it wants every tool, unpaged.
+                    tools = await self.all_tools(headers)
+                    return ListToolsResult(tools=tools)
+                cursor = req.params.cursor if req.params is not None else None
+                tools, next_cursor = await self.tools_page(headers, cursor)
+                return ListToolsResult(tools=tools, nextCursor=next_cursor, **self.list_hint)
+
+            self._mcp_server.list_tools()(list_tools_v1)
+
+    async def all_tools(self, headers: Any) -> list[Any]:
+        """Every tool, as the SDK lists them, then the token's tool if there is a token."""
+        tools = list(await self.list_tools())
+        token = _header(headers, "x-qlik-access-token")
+        if token:
+            info = self.token_tools.get_tool(_TOKEN_TOOL_TEMPLATE)
+            # camelCase keys: field names in mcp<2, aliases in mcp>=2.
+            tools.append(
+                mcp_types.Tool.model_validate(
+                    {
+                        "name": token_tool_name(token),
+                        "title": info.title,
+                        "description": info.description,
+                        "inputSchema": info.parameters,
+                        "outputSchema": info.output_schema,
+                        "annotations": info.annotations,
+                    }
+                )
+            )
+        return tools
+
+    async def tools_page(self, headers: Any, cursor: Any) -> tuple[list[Any], str | None]:
+        """The page of tools `cursor` names (the first without one), and the next page's cursor."""
+        tools = await self.all_tools(headers)
+        start = 0 if cursor is None else _decode_cursor(cursor, len(tools))
+        if self.page_size is None:
+            return tools[start:], None
+        end = start + self.page_size
+        return tools[start:end], (_encode_cursor(end) if end < len(tools) else None)
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        """The SDK's call_tool, plus the tool of the request's token (see the module doc)."""
+        # mcp>=2 passes the context; mcp<2 has its own for the current request.
+        ctx = self.get_context() if SDK_MAJOR < 2 else context
+        if ctx is not None and name.startswith(TOKEN_TOOL_PREFIX):
+            token = _header(_request_headers(ctx), "x-qlik-access-token")
+            if token and name == token_tool_name(token):
+                return await self.token_tools.call_tool(_TOKEN_TOOL_TEMPLATE, arguments, ctx, convert_result=True)
+        if SDK_MAJOR >= 2:
+            return await super().call_tool(name, arguments, context)
+        return await super().call_tool(name, arguments)
+
+
 def build_server(args: argparse.Namespace) -> Any:
     # Host-header (DNS-rebinding) protection: the SDK turns it on for loopback
     # hosts and answers 421 to any other Host; keep it, but list the loopback
@@ -87,10 +286,16 @@ def build_server(args: argparse.Namespace) -> Any:
         allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*", f"{args.host}:*"] + [f"{h}:*" for h in args.allowed_host],
         allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
     )
+    hinted = args.list_ttl_ms is not None or args.list_scope is not None
+    ttl_ms = args.list_ttl_ms if args.list_ttl_ms is not None else 0
+    scope = args.list_scope if args.list_scope is not None else "private"
     if SDK_MAJOR >= 2:
-        server = MCPServer("mcp-worker-test-server", log_level="WARNING")
+        extra: dict[str, Any] = {}
+        if hinted:  # else the SDK's own default (ttlMs 0, private), unchanged
+            extra["cache_hints"] = {"tools/list": CacheHint(ttl_ms=ttl_ms, scope=scope)}
+        server = ToolListServer("mcp-worker-test-server", log_level="WARNING", page_size=args.page_size, **extra)
     else:
-        server = FastMCP(
+        server = ToolListServer(
             "mcp-worker-test-server",
             host=args.host,
             port=args.port,
@@ -98,9 +303,11 @@ def build_server(args: argparse.Namespace) -> Any:
             json_response=args.json_response,
             transport_security=security,
             log_level="WARNING",
+            page_size=args.page_size,
+            list_hint={"ttlMs": ttl_ms, "cacheScope": scope} if hinted else None,
         )
 
-    @server.tool()
+    @server.tool(title="Who am I", annotations=ToolAnnotations(readOnlyHint=True, idempotentHint=True))
     def qlik_whoami(ctx: Context) -> dict[str, Any]:
         """Return the X-Qlik-Access-Token and Authorization headers the server received."""
         headers = _request_headers(ctx)
@@ -109,7 +316,7 @@ def build_server(args: argparse.Namespace) -> Any:
             "authorization": _header(headers, "authorization"),
         }
 
-    @server.tool()
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=True))
     def echo(text: str) -> str:
         """Return the given text."""
         return text
@@ -121,7 +328,7 @@ def build_server(args: argparse.Namespace) -> Any:
         # message of any other exception and logs a traceback).
         raise ToolError("qlik_fail: deliberate tool failure")
 
-    @server.tool()
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False))
     def count_job(job_id: str) -> str:
         """Return "ok"; tests count executions per job_id via the request log."""
         return "ok"
@@ -140,6 +347,11 @@ def build_server(args: argparse.Namespace) -> Any:
         before the SDK sees the request; only the calls that get through land here.
         """
         return "ok"
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True))
+    def qlik_delete_note(note: str) -> str:
+        """Delete the given note; returns "deleted" (nothing is stored: a destructive tool to list)."""
+        return "deleted"
 
     if SDK_MAJOR >= 2:
         app = server.streamable_http_app(
@@ -203,7 +415,7 @@ class RequestLogMiddleware:
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
 
-        mcp_method = tool = arguments = None
+        mcp_method = tool = arguments = cursor = None
         if body:
             try:
                 payload = json.loads(body)
@@ -215,6 +427,8 @@ class RequestLogMiddleware:
                 if mcp_method == "tools/call" and isinstance(params, dict):
                     tool = params.get("name")
                     arguments = params.get("arguments")
+                if mcp_method == "tools/list" and isinstance(params, dict):
+                    cursor = params.get("cursor")
 
         record = {
             "method": scope["method"],
@@ -225,6 +439,7 @@ class RequestLogMiddleware:
             "mcp_method": mcp_method,
             "tool": tool,
             "arguments": arguments,
+            "cursor": cursor,
         }
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
@@ -391,6 +606,20 @@ class FaultMiddleware:
 
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
@@ -402,6 +631,24 @@ def main() -> None:
         action="append",
         default=[],
         help="another Host header name to accept (e.g. a compose service name); repeatable",
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=None,
+        help="answer tools/list N tools per page, with nextCursor (default: one page)",
+    )
+    parser.add_argument(
+        "--list-ttl-ms",
+        type=_non_negative_int,
+        default=None,
+        help="ttlMs of the tools/list result (protocol 2026-07-28; default: the SDK's)",
+    )
+    parser.add_argument(
+        "--list-scope",
+        choices=("public", "private"),
+        default=None,
+        help="cacheScope of the tools/list result (protocol 2026-07-28; default: the SDK's)",
     )
     args = parser.parse_args()
 
