@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+use crate::catalog::{Catalog, CatalogConfig, CatalogPeers};
 use crate::config::{ConfigError, Settings};
 use crate::crypto::TokenCipher;
+use crate::early_refresh::EarlyRefresh;
 use crate::events::Events;
 use crate::mcp::{McpCallError, McpClients, McpLimits};
 use crate::messages::TokenEventKind;
@@ -26,6 +28,7 @@ use crate::queue::{Broker, Consumer, QueueError, QueueMigration, Topology};
 use crate::refresher::{Refresher, RefresherConfig, RefresherError, RequestLimits};
 use crate::registry::Registry;
 use crate::store::{MigrationError, MigrationStatus, Store, StoreError, embedded_migrations};
+use crate::token_events::{Follower, UserCache};
 use crate::worker::{Worker, WorkerConfig, WorkerPeers};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +83,10 @@ impl Roles {
 
 pub struct App {
     broker: Broker,
-    /// The worker, its jobs, and the token events that keep its cache in step (when it caches).
-    worker: Option<(Arc<Worker>, Consumer, Option<Consumer>)>,
+    /// The worker and its jobs.
+    worker: Option<(Arc<Worker>, Consumer)>,
+    /// The token events, and the caches they keep in step (when any caches).
+    followed: Option<Follower>,
     refresher: Option<(Arc<Refresher>, Consumer)>,
     http: (tokio::net::TcpListener, Arc<ApiState>),
     /// Whether the connect, disconnect and status endpoints are served (the `api` role).
@@ -114,9 +119,38 @@ impl App {
             }
         };
 
-        let worker = if roles.worker {
+        let early_refresh = EarlyRefresh::new(publisher.clone(), settings.amqp.refresh_queue.clone());
+        // The MCP clients and the catalog serve the worker (calls, `tools/list` jobs) and the API
+        // (`GET /v1/tools`).
+        let mcp_and_catalog = if roles.worker || roles.api {
             let limits = McpLimits::from_settings(&settings.mcp, settings.worker.concurrency);
             let mcp = Arc::new(McpClients::new(&registry, &limits, metrics.clone())?);
+            let config = CatalogConfig {
+                ttl: Duration::from_secs(settings.catalog.ttl_secs),
+                max_cache_bytes: settings.catalog.max_cache_bytes,
+                max_cache_entries: settings.catalog.max_cache_entries,
+                clock_skew: Duration::from_secs(settings.tokens.clock_skew_secs),
+            };
+            let peers = CatalogPeers {
+                registry: registry.clone(),
+                mcp: mcp.clone(),
+                tokens: store.token_stores(&cipher),
+                early_refresh: early_refresh.clone(),
+                metrics: metrics.clone(),
+            };
+            Some((mcp, Arc::new(Catalog::new(config, peers))))
+        } else {
+            None
+        };
+        // The caches that follow the token events, which need a subscription.
+        let mut caches: Vec<Arc<dyn UserCache>> = Vec::new();
+        if let Some((_, catalog)) = &mcp_and_catalog
+            && catalog.caches_lists()
+        {
+            caches.push(catalog.clone());
+        }
+
+        let worker = if let (true, Some((mcp, catalog))) = (roles.worker, &mcp_and_catalog) {
             let config = WorkerConfig {
                 concurrency: settings.worker.concurrency,
                 job_limits: crate::job::Limits {
@@ -130,7 +164,6 @@ impl App {
                 max_deferrals: settings.tokens.max_deferrals,
                 max_waits: settings.worker.max_waits,
                 delay_queue: settings.amqp.delay_queue(settings.tokens.defer_ms),
-                refresh_queue: settings.amqp.refresh_queue.clone(),
                 shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
                 owner: crate::owner::new_owner_id(),
                 // A claim outlives the longest call (timeout plus skew), with room to record it.
@@ -152,23 +185,31 @@ impl App {
                 registry: registry.clone(),
                 store: store.clone(),
                 cipher: cipher.clone(),
-                mcp,
+                mcp: mcp.clone(),
+                catalog: catalog.clone(),
                 publisher: publisher.clone(),
+                early_refresh,
                 events: events.clone(),
                 metrics: metrics.clone(),
             };
-            let worker = Worker::new(config, peers);
-            // Subscribed before the first job is taken, so no event can slip between.
-            let events = if worker.caches_tokens() {
-                let keys = TokenEventKind::ALL.map(TokenEventKind::routing_key);
-                Some(broker.subscribe(&settings.amqp.events_exchange, &keys).await?)
-            } else {
-                None
-            };
-            let jobs = broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?;
-            Some((Arc::new(worker), jobs, events))
+            let worker = Arc::new(Worker::new(config, peers));
+            if worker.caches_tokens() {
+                caches.push(worker.clone());
+            }
+            Some(worker)
         } else {
             None
+        };
+        // Subscribed before the first job is taken, so no event can slip between.
+        let followed = if caches.is_empty() {
+            None
+        } else {
+            let keys = TokenEventKind::ALL.map(TokenEventKind::routing_key);
+            Some(Follower::new(broker.subscribe(&settings.amqp.events_exchange, &keys).await?, caches))
+        };
+        let worker = match worker {
+            Some(worker) => Some((worker, broker.consume(&settings.amqp.jobs_queue, settings.amqp.prefetch).await?)),
+            None => None,
         };
 
         let refresher = match (roles.refresher, oauth.get(&Provider::Qlik)) {
@@ -215,12 +256,15 @@ impl App {
                 .collect(),
             state_ttl: Duration::from_secs(settings.http.state_ttl_secs),
             confirm_connections: settings.http.confirm_connections,
+            catalog: mcp_and_catalog.map(|(_, catalog)| catalog),
+            call_timeout: settings.mcp.call_timeout(),
         };
         tracing::info!(listen = %listener.local_addr()?, connections = roles.api, "HTTP listener ready");
         tracing::info!(worker = worker.is_some(), refresher = refresher.is_some(), api = roles.api, "mcp-worker ready");
         Ok(Self {
             broker,
             worker,
+            followed,
             refresher,
             http: (listener, Arc::new(state)),
             connections: roles.api,
@@ -239,12 +283,22 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let stop = shutdown.child_token();
         let mut parts: Vec<Part> = Vec::new();
-        if let Some((worker, jobs, events)) = self.worker {
+        if let Some((worker, jobs)) = self.worker {
             let (stop, broker) = (stop.clone(), self.broker.clone());
             parts.push((
                 "the worker",
                 Box::pin(async move {
-                    worker.run(broker, jobs, events, stop).await;
+                    worker.run(broker, jobs, stop).await;
+                    Ok(())
+                }),
+            ));
+        }
+        if let Some(follower) = self.followed {
+            let (stop, broker) = (stop.clone(), self.broker.clone());
+            parts.push((
+                "the token event follower",
+                Box::pin(async move {
+                    follower.follow(&broker, &stop).await;
                     Ok(())
                 }),
             ));

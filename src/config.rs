@@ -59,6 +59,15 @@ pub struct Settings {
     pub providers: ProvidersSettings,
     pub(crate) refresher: RefresherSettings,
     pub tokens: TokenSettings,
+    pub(crate) catalog: CatalogSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CatalogSettings {
+    pub(crate) ttl_secs: u64,
+    pub(crate) max_cache_bytes: u64,
+    pub(crate) max_cache_entries: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,6 +417,12 @@ impl Settings {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.catalog.ttl_secs > 86_400 {
+            return Err(invalid("catalog.ttl_secs", "must be at most 86400 (a day)"));
+        }
+        if self.catalog.max_cache_bytes == 0 || self.catalog.max_cache_entries == 0 {
+            return Err(invalid("catalog.max_cache_bytes", "and catalog.max_cache_entries must be at least 1"));
         }
         if self.refresher.lease_secs <= self.providers.qlik.request_timeout_secs {
             return Err(invalid(

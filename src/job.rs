@@ -16,11 +16,23 @@ use crate::provider::Provider;
 /// Longest `job_id`, `user_id` or `tool` accepted, in bytes. 255 is AMQP's short-string limit: a `job_id` may become a reply's `correlation_id`.
 pub const MAX_ID_LEN: usize = 255;
 
+/// What a job asks for: a tool call (the default, and all that v1 jobs knew), or the user's tool
+/// catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// `tools/call`: call `tool` with `arguments`.
+    CallTool,
+    /// `tools/list`: answer with the tools this user may call (see [`crate::catalog`]).
+    ListTools,
+}
+
 /// A decoded, validated job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub(crate) job_id: String,
     pub(crate) user_id: String,
+    pub(crate) method: Method,
+    /// The tool to call; empty for [`Method::ListTools`], which names none.
     pub(crate) tool: String,
     pub(crate) arguments: Map<String, Value>,
     pub(crate) deadline: Option<DateTime<Utc>>,
@@ -31,7 +43,10 @@ pub struct Job {
 struct JobV1 {
     job_id: String,
     user_id: String,
-    tool: String,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    tool: Option<String>,
     #[serde(default)]
     arguments: Option<Map<String, Value>>,
     #[serde(default)]
@@ -87,7 +102,22 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Job, InvalidJob> {
     // correlation id an AMQP short string (at most 255 bytes) cannot.
     let job_id = Some(wire.job_id.clone()).filter(|id| usable_id(id));
     let fail = |reason: String| InvalidJob { job_id: job_id.clone(), reason };
-    for (field, value) in [("job_id", &wire.job_id), ("user_id", &wire.user_id), ("tool", &wire.tool)] {
+    let method = match wire.method.as_deref() {
+        None | Some("tools/call") => Method::CallTool,
+        Some("tools/list") => Method::ListTools,
+        Some(_) => return Err(fail("field `method` must be \"tools/call\" or \"tools/list\"".to_owned())),
+    };
+    // A listing names no tool: whatever `tool` says is not used, so it is not checked either.
+    let tool = match (method, wire.tool) {
+        (Method::ListTools, _) => String::new(),
+        (Method::CallTool, Some(tool)) => tool,
+        (Method::CallTool, None) => return Err(fail("missing field `tool`".to_owned())),
+    };
+    let mut fields = vec![("job_id", &wire.job_id), ("user_id", &wire.user_id)];
+    if method == Method::CallTool {
+        fields.push(("tool", &tool));
+    }
+    for (field, value) in fields {
         if value.trim().is_empty() {
             return Err(fail(format!("field `{field}` must not be empty")));
         }
@@ -95,11 +125,14 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Job, InvalidJob> {
             return Err(fail(format!("field `{field}` is longer than {MAX_ID_LEN} bytes")));
         }
     }
-    let arguments = wire.arguments.unwrap_or_default();
+    let arguments = match method {
+        Method::CallTool => wire.arguments.unwrap_or_default(),
+        Method::ListTools => Map::new(),
+    };
     if depth(&arguments) > limits.max_depth {
         return Err(fail(format!("field `arguments` is nested deeper than {} levels", limits.max_depth)));
     }
-    Ok(Job { job_id: wire.job_id, user_id: wire.user_id, tool: wire.tool, arguments, deadline: wire.deadline })
+    Ok(Job { job_id: wire.job_id, user_id: wire.user_id, method, tool, arguments, deadline: wire.deadline })
 }
 
 impl Job {
@@ -235,16 +268,20 @@ pub struct ReplyError {
     pub(crate) provider: Option<Provider>,
 }
 
+impl ReplyError {
+    /// An error with `code`; `provider` when it concerns the user's connection to one.
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>, provider: Option<Provider>) -> Self {
+        Self { code, message: message.into(), retryable: code.retryable(), provider }
+    }
+}
+
 impl Reply {
     pub(crate) fn ok(job_id: &str, result: Value) -> Self {
         Reply::Ok { job_id: Some(job_id.to_owned()), result }
     }
 
     pub fn error(job_id: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Reply::Error {
-            job_id: job_id.map(str::to_owned),
-            error: ReplyError { code, message: message.into(), retryable: code.retryable(), provider: None },
-        }
+        Reply::Error { job_id: job_id.map(str::to_owned), error: ReplyError::new(code, message, None) }
     }
 
     /// Marks the error as concerning a provider (for example, the user has not connected Qlik).
@@ -375,6 +412,22 @@ mod tests {
         assert_eq!(job.job_id, "j1");
         assert_eq!(job.arguments["a"], 1);
         assert_eq!(job.deadline.unwrap().to_rfc3339(), "2026-11-26T10:00:00+00:00");
+    }
+
+    #[test]
+    fn a_listing_names_no_tool_and_an_unknown_method_is_refused() {
+        let job = decode(br#"{"job_id":"j","user_id":"u","method":"tools/list","arguments":{"a":1}}"#, MAX).unwrap();
+        assert_eq!(job.method, Method::ListTools);
+        assert!(job.tool.is_empty() && job.arguments.is_empty(), "a listing calls nothing");
+        let call = decode(br#"{"job_id":"j","user_id":"u","method":"tools/call","tool":"t"}"#, MAX).unwrap();
+        assert_eq!(call.method, Method::CallTool);
+        assert_eq!(decode(br#"{"job_id":"j","user_id":"u","tool":"t"}"#, MAX).unwrap().method, Method::CallTool);
+        assert!(reason(r#"{"job_id":"j","user_id":"u","method":"tools/list "}"#).starts_with("field `method`"));
+        assert!(reason(r#"{"job_id":"j","user_id":"u","method":5,"tool":"t"}"#).starts_with("field `method`"));
+        assert!(reason(r#"{"job_id":"j","user_id":"u","method":"tools/call"}"#).contains("`tool`"));
+        assert!(
+            reason(r#"{"job_id":"j","user_id":" ","method":"tools/list"}"#).contains("`user_id` must not be empty")
+        );
     }
 
     #[test]

@@ -64,6 +64,16 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
+    /// Publish one `tools/list` job, wait for its reply and print it: the tools the user may call,
+    /// and the servers that could not be listed for them. Exit codes as for `call`.
+    Tools {
+        /// The user whose catalog to list.
+        #[arg(long)]
+        user: String,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
     /// Manage stored tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
@@ -191,6 +201,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             }
         }
         Command::Call { user, tool, args, wait } => return call(&settings, user, tool, &args, wait).await,
+        Command::Tools { user, wait } => {
+            let job_id = uuid::Uuid::new_v4().to_string();
+            let job = serde_json::json!({ "job_id": job_id, "user_id": user, "method": "tools/list" });
+            return request(&settings, &job_id, &job, wait).await;
+        }
         Command::Config(ConfigCommand::Check) => {
             // `Secret` values print as [redacted] in Debug output, and the userinfo of every URL
             // is redacted, so this is safe to share.
@@ -257,10 +272,14 @@ async fn call(settings: &Settings, user: String, tool: String, args: &str, wait:
     }
     let job_id = uuid::Uuid::new_v4().to_string();
     let job = serde_json::json!({ "job_id": job_id, "user_id": user, "tool": tool, "arguments": arguments });
+    request(settings, &job_id, &job, wait).await
+}
+
+/// Publishes `job`, waits up to `wait` seconds for its reply, and prints it.
+async fn request(settings: &Settings, job_id: &str, job: &serde_json::Value, wait: u64) -> anyhow::Result<ExitCode> {
     let broker = Broker::connect(&settings.amqp, "mcp-worker call", None).await?;
-    let reply = broker
-        .request(&settings.amqp.jobs_queue, &job_id, &serde_json::to_vec(&job)?, Duration::from_secs(wait))
-        .await?;
+    let reply =
+        broker.request(&settings.amqp.jobs_queue, job_id, &serde_json::to_vec(job)?, Duration::from_secs(wait)).await?;
     broker.close().await;
     let Some(reply) = reply else { bail!("no reply within {wait} s; is a worker running?") };
     let reply: serde_json::Value = serde_json::from_slice(&reply).context("the reply is not JSON")?;

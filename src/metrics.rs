@@ -44,6 +44,20 @@ struct McpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CatalogLabels {
+    /// `amqp` (a `tools/list` job) or `http` (`GET /v1/tools`).
+    via: &'static str,
+    /// `complete` (every server listed) or `partial` (some named in `unavailable`).
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    /// `hit` or `miss`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -101,6 +115,9 @@ pub struct Metrics {
     jobs: Family<JobLabels, Counter>,
     job_duration: HistogramFamily<OutcomeLabels>,
     mcp_call_duration: HistogramFamily<McpLabels>,
+    catalog_requests: Family<CatalogLabels, Counter>,
+    catalog_cache: Family<CacheLabels, Counter>,
+    mcp_list_duration: HistogramFamily<McpLabels>,
     deferrals: Family<ReasonLabels, Counter>,
     dead_letters: Family<ReasonLabels, Counter>,
     refreshes: Family<OutcomeLabels, Counter>,
@@ -131,6 +148,9 @@ impl Metrics {
             jobs: Family::default(),
             job_duration: Family::new_with_constructor(latency as fn() -> Histogram),
             mcp_call_duration: Family::new_with_constructor(latency as fn() -> Histogram),
+            catalog_requests: Family::default(),
+            catalog_cache: Family::default(),
+            mcp_list_duration: Family::new_with_constructor(latency as fn() -> Histogram),
             deferrals: Family::default(),
             dead_letters: Family::default(),
             refreshes: Family::default(),
@@ -158,6 +178,21 @@ impl Metrics {
             "mcp_call_duration_seconds",
             "tools/call round trips, by MCP server and outcome (ok or the error code)",
             metrics.mcp_call_duration.clone(),
+        );
+        registry.register(
+            "catalog_requests",
+            "Tool catalogs answered, by door (amqp, http) and outcome (complete, or partial: some server named in unavailable)",
+            metrics.catalog_requests.clone(),
+        );
+        registry.register(
+            "catalog_cache",
+            "Tool lists a catalog request needed, by result (hit: served from the cache; miss: listed, or joined a listing under way)",
+            metrics.catalog_cache.clone(),
+        );
+        registry.register(
+            "mcp_list_duration_seconds",
+            "tools/list round trips (every page of one list), by MCP server and outcome (ok or the error code)",
+            metrics.mcp_list_duration.clone(),
         );
         registry.register(
             "job_deferrals",
@@ -239,6 +274,28 @@ impl Metrics {
     /// Records one `tools/call` to `server`: `outcome` is `ok` or the error code it maps to.
     pub(crate) fn mcp_call(&self, server: &str, outcome: &'static str, duration: Duration) {
         self.mcp_call_duration
+            .get_or_create(&McpLabels { server: server.to_owned(), outcome })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts one tool catalog answered through `via`; `complete` when every server was listed.
+    pub(crate) fn catalog_request(&self, via: crate::catalog::Via, complete: bool) {
+        let via = match via {
+            crate::catalog::Via::Amqp => "amqp",
+            crate::catalog::Via::Http => "http",
+        };
+        let outcome = if complete { "complete" } else { "partial" };
+        self.catalog_requests.get_or_create(&CatalogLabels { via, outcome }).inc();
+    }
+
+    /// Counts one server's list a catalog needed: `found` in the cache, or not.
+    pub(crate) fn catalog_cache(&self, found: bool) {
+        self.catalog_cache.get_or_create(&CacheLabels { result: if found { "hit" } else { "miss" } }).inc();
+    }
+
+    /// Records one listing of `server`'s tools (all its pages): `outcome` is `ok` or the error code.
+    pub(crate) fn catalog_list(&self, server: &str, outcome: &'static str, duration: Duration) {
+        self.mcp_list_duration
             .get_or_create(&McpLabels { server: server.to_owned(), outcome })
             .observe(duration.as_secs_f64());
     }

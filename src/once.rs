@@ -1,30 +1,31 @@
-//! Remembers for whom a problem was already logged, so a problem that hits every job of a user is
-//! logged once per user rather than once per job. Bounded: past its capacity it forgets everyone
-//! and starts again, so a flood of users costs a few repeated lines, never unbounded memory.
+//! Remembers what a problem was already logged for (a user, a server's tool), so a problem that
+//! hits every job of a user is logged once per user rather than once per job. Bounded: past its
+//! capacity it forgets everything and starts again, so a flood of names costs a few repeated
+//! lines, never unbounded memory.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-pub(super) struct OncePerUser {
+pub(crate) struct OncePer {
     seen: Mutex<HashSet<String>>,
     capacity: usize,
 }
 
-impl OncePerUser {
-    pub(super) fn new(capacity: usize) -> Self {
+impl OncePer {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self { seen: Mutex::new(HashSet::new()), capacity }
     }
 
-    /// `true` the first time `user_id` is named (since the set was last cleared).
-    pub(super) fn first_time(&self, user_id: &str) -> bool {
+    /// `true` the first time `name` is named (since the set was last cleared).
+    pub(crate) fn first_time(&self, name: &str) -> bool {
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.contains(user_id) {
+        if seen.contains(name) {
             return false;
         }
         if seen.len() >= self.capacity {
             seen.clear();
         }
-        seen.insert(user_id.to_owned());
+        seen.insert(name.to_owned());
         true
     }
 }
@@ -35,7 +36,7 @@ mod tests {
 
     #[test]
     fn each_user_once_and_never_more_than_the_capacity() {
-        let once = OncePerUser::new(2);
+        let once = OncePer::new(2);
         assert!(once.first_time("a"));
         assert!(!once.first_time("a"));
         assert!(once.first_time("b"));

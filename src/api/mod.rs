@@ -1,5 +1,5 @@
-//! The HTTP API (axum): the OAuth connect flow, disconnect and connection status (the `api`
-//! role), and on every process health, readiness and the Prometheus metrics.
+//! The HTTP API (axum): the OAuth connect flow, disconnect, connection status and the users' tool
+//! catalogs (the `api` role), and on every process health, readiness and the Prometheus metrics.
 //!
 //! Internal endpoints (called by the chat backend) require `Authorization: Bearer <http.service_key>`,
 //! compared in constant time; the callback is public because the user's browser lands on it.
@@ -9,6 +9,7 @@ mod connections;
 mod health;
 mod listener;
 mod metrics;
+mod tools;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use axum::routing::{get, post};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
 use crate::crypto::TokenCipher;
 use crate::events::Events;
 use crate::oauth::OAuthClient;
@@ -44,6 +46,10 @@ pub(crate) struct ApiState {
     pub(crate) state_ttl: std::time::Duration,
     /// Whether a finished flow waits for the chat backend's confirmation (`http.confirm_connections`).
     pub(crate) confirm_connections: bool,
+    /// The tool catalog, on a process that runs the worker or the API role.
+    pub(crate) catalog: Option<Arc<Catalog>>,
+    /// How long one server's listing may take (`mcp.call_timeout_ms`).
+    pub(crate) call_timeout: std::time::Duration,
 }
 
 /// The routes: health, readiness and metrics always; the connection endpoints when
@@ -62,7 +68,8 @@ pub(crate) fn router(state: Arc<ApiState>, connections: bool) -> Router {
             // `connections::Named` for the ids it cannot reach).
             .route("/v1/connections/{provider}", get(connections::status).delete(connections::disconnect))
             .route("/v1/connections/{provider}/{user_id}", get(connections::status).delete(connections::disconnect))
-            .route("/v1/connected", get(connect::landing));
+            .route("/v1/connected", get(connect::landing))
+            .route("/v1/tools", get(tools::list));
     }
     router.with_state(state)
 }

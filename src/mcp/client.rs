@@ -1,12 +1,13 @@
 //! One MCP server's long-lived client, and what its failures mean.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::RoleClient;
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation,
-    ProtocolVersion, ServerResult,
+    CacheScope, CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, GetExtensions,
+    Implementation, ListToolsRequest, PaginatedRequestParams, ProtocolVersion, ServerResult,
 };
 use rmcp::service::{
     ClientInitializeError, ClientLifecycleMode, ClientServiceExt, PeerRequestOptions, RunningService, ServiceError,
@@ -115,39 +116,119 @@ impl McpClient {
         timeout: Duration,
     ) -> Result<Called, McpCallError> {
         let account = self.budget.account(timeout);
-        let call = async {
-            let session = self.session().await?;
-            let mut request =
-                CallToolRequest::new(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments));
-            if let Some(credential) = credential {
-                request.extensions.insert(credential);
-            }
-            request.extensions.insert(account.clone());
-            let options = PeerRequestOptions::no_options();
-            let outcome =
-                match session.peer().send_request_with_option(ClientRequest::CallToolRequest(request), options).await {
-                    Ok(handle) => handle.await_response().await,
-                    Err(e) => Err(e),
-                };
-            if matches!(outcome, Err(ServiceError::TransportClosed)) || session.is_transport_closed() {
-                self.forget(&session).await;
-            }
-            outcome.map_err(|e| self.classify(e))
-        };
-        let result = tokio::time::timeout(timeout, call).await.map_err(|_| match account.is_waiting() {
-            true => McpCallError::OverBudget { server: self.server.clone() },
-            false => McpCallError::Timeout { server: self.server.clone(), after: timeout },
-        })??;
+        let request = CallToolRequest::new(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments));
+        let call = self.send(ClientRequest::CallToolRequest(request), credential, &account);
+        let result = self.within(timeout, &account, call).await?;
         match result {
             ServerResult::CallToolResult(result) => match serde_json::to_value(result) {
                 Ok(result) => Ok(Called { result, held: HeldBytes { _account: account } }),
                 Err(e) => Err(McpCallError::Protocol { server: self.server.clone(), detail: e.to_string() }),
             },
-            other => Err(McpCallError::Protocol {
-                server: self.server.clone(),
-                detail: format!("tools/call answered with an unsupported result kind ({})", result_kind(&other)),
-            }),
+            other => Err(self.unexpected("tools/call", &other)),
         }
+    }
+
+    /// Lists the server's tools as `credential` may see them: `tools/list`, then every next page
+    /// its `nextCursor` names, in order, all within `timeout` and together within
+    /// `mcp.max_response_bytes`. rmcp's own `list_tools` is not used: its response cache is
+    /// per session, and one session serves every user, whose lists may differ.
+    #[tracing::instrument(skip_all, fields(server = %self.server))]
+    pub async fn list_tools(
+        &self,
+        credential: Option<CredentialHeader>,
+        timeout: Duration,
+    ) -> Result<ToolList, McpCallError> {
+        let account = self.budget.account(timeout);
+        let listing = async {
+            let mut list = ToolList { tools: Vec::new(), ttl: None, scope: None };
+            let (mut cursor, mut seen, mut bytes) = (None, HashSet::new(), 0usize);
+            for _ in 0..MAX_PAGES {
+                let params = PaginatedRequestParams::default().with_cursor(cursor.take());
+                let request = ListToolsRequest {
+                    method: Default::default(),
+                    params: Some(params),
+                    extensions: Default::default(),
+                };
+                let page =
+                    match self.send(ClientRequest::ListToolsRequest(request), credential.clone(), &account).await? {
+                        ServerResult::ListToolsResult(page) => page,
+                        other => return Err(self.unexpected("tools/list", &other)),
+                    };
+                list.merge_hints(page.ttl_ms, page.cache_scope);
+                for tool in page.tools {
+                    let tool = match serde_json::to_value(tool) {
+                        Ok(Value::Object(tool)) => tool,
+                        _ => return Err(self.protocol("a tool of tools/list does not serialize as an object")),
+                    };
+                    // Measured as we would send it on: what the catalog holds and answers with.
+                    bytes = bytes.saturating_add(Value::Object(tool.clone()).to_string().len());
+                    if bytes > self.http.max_response_bytes {
+                        return Err(self.protocol(&format!(
+                            "the tool list is larger than mcp.max_response_bytes ({} bytes)",
+                            self.http.max_response_bytes
+                        )));
+                    }
+                    list.tools.push(tool);
+                }
+                match page.next_cursor {
+                    None => return Ok(list),
+                    // A cursor seen before would list the same pages again, for ever.
+                    Some(next) if !seen.insert(next.clone()) => {
+                        return Err(self.protocol("tools/list named a cursor it had named before"));
+                    }
+                    Some(next) => cursor = Some(next),
+                }
+            }
+            Err(self.protocol(&format!("tools/list named a next page after {MAX_PAGES} pages")))
+        };
+        self.within(timeout, &account, listing).await
+    }
+
+    /// Sends `request` with the user's `credential` (for that one POST) and answer bytes from
+    /// `account`, on the live session.
+    async fn send(
+        &self,
+        mut request: ClientRequest,
+        credential: Option<CredentialHeader>,
+        account: &Arc<Account>,
+    ) -> Result<ServerResult, McpCallError> {
+        let session = self.session().await?;
+        let extensions = request.extensions_mut();
+        if let Some(credential) = credential {
+            extensions.insert(credential);
+        }
+        extensions.insert(account.clone());
+        let options = PeerRequestOptions::no_options();
+        let outcome = match session.peer().send_request_with_option(request, options).await {
+            Ok(handle) => handle.await_response().await,
+            Err(e) => Err(e),
+        };
+        if matches!(outcome, Err(ServiceError::TransportClosed)) || session.is_transport_closed() {
+            self.forget(&session).await;
+        }
+        outcome.map_err(|e| self.classify(e))
+    }
+
+    /// Runs `work` within `timeout`; running out of time while waiting for budget is
+    /// [`McpCallError::OverBudget`], otherwise [`McpCallError::Timeout`].
+    async fn within<T>(
+        &self,
+        timeout: Duration,
+        account: &Account,
+        work: impl Future<Output = Result<T, McpCallError>>,
+    ) -> Result<T, McpCallError> {
+        tokio::time::timeout(timeout, work).await.map_err(|_| match account.is_waiting() {
+            true => McpCallError::OverBudget { server: self.server.clone() },
+            false => McpCallError::Timeout { server: self.server.clone(), after: timeout },
+        })?
+    }
+
+    fn protocol(&self, detail: &str) -> McpCallError {
+        McpCallError::Protocol { server: self.server.clone(), detail: detail.to_owned() }
+    }
+
+    fn unexpected(&self, method: &str, result: &ServerResult) -> McpCallError {
+        self.protocol(&format!("{method} answered with an unsupported result kind ({})", result_kind(result)))
     }
 
     /// The live session, connecting first if there is none. Concurrent callers wait for one
@@ -262,6 +343,51 @@ fn result_kind(result: &ServerResult) -> &'static str {
     match result {
         ServerResult::InputRequiredResult(_) => "input required",
         ServerResult::CreateTaskResult(_) => "task created",
-        _ => "not a CallToolResult",
+        ServerResult::CallToolResult(_) => "a CallToolResult",
+        ServerResult::ListToolsResult(_) => "a ListToolsResult",
+        _ => "another kind",
+    }
+}
+
+/// The most pages of one tool list followed: more is a server that never ends its list.
+const MAX_PAGES: usize = 100;
+
+/// Who may reuse a tool list, as the server said (`cacheScope`, protocol 2026-07-28).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListScope {
+    /// Any authorization context: every user may be given the same list.
+    Public,
+    /// Only the authorization context that listed it.
+    Private,
+}
+
+/// One server's tools as listed: every page, in order, each tool as the server described it
+/// (an MCP `Tool` object), with the server's caching hints.
+#[derive(Debug)]
+pub struct ToolList {
+    pub tools: Vec<Map<String, Value>>,
+    /// The shortest `ttlMs` of its pages, when any page carried one.
+    pub ttl: Option<Duration>,
+    /// `Public` only when every page that carried a `cacheScope` said public; `None` when none did.
+    pub scope: Option<ListScope>,
+}
+
+impl ToolList {
+    /// Folds one page's hints in: the list is as fresh as its stalest page, and as shareable as
+    /// its least shareable one.
+    fn merge_hints(&mut self, ttl_ms: Option<u64>, scope: Option<CacheScope>) {
+        if let Some(ms) = ttl_ms {
+            let ttl = Duration::from_millis(ms);
+            self.ttl = Some(self.ttl.map_or(ttl, |known| known.min(ttl)));
+        }
+        let scope = scope.map(|scope| match scope {
+            CacheScope::Public => ListScope::Public,
+            _ => ListScope::Private,
+        });
+        self.scope = match (self.scope, scope) {
+            (Some(ListScope::Private), _) | (_, Some(ListScope::Private)) => Some(ListScope::Private),
+            (known, None) => known,
+            (_, Some(ListScope::Public)) => Some(ListScope::Public),
+        };
     }
 }

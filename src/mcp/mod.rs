@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use client::{Called, HeldBytes, McpCallError, McpClient};
+pub use client::{Called, HeldBytes, ListScope, McpCallError, McpClient, ToolList};
 
 use crate::config::McpSettings;
 use crate::metrics::Metrics;

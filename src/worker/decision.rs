@@ -62,6 +62,8 @@ pub(super) struct Facts {
     /// `Ok(None)`: the user has no stored token.
     pub(crate) token: Option<Result<Option<TokenFacts>, StoreError>>,
     pub(crate) call_result: Option<CallFacts>,
+    /// For a `tools/list` job, the catalog once listed (as the reply's `result`).
+    pub(crate) catalog: Option<Value>,
 }
 
 /// The next thing to do with a delivery.
@@ -83,6 +85,10 @@ pub(super) enum Step {
     },
     /// Call the tool within `budget`.
     Call {
+        budget: CallBudget,
+    },
+    /// List the user's tool catalog, each server within `budget`.
+    List {
         budget: CallBudget,
     },
     Settle(Disposition),
@@ -189,18 +195,61 @@ pub(super) fn refuse_invalid(envelope: &Envelope, invalid: InvalidJob) -> Dispos
     Disposition::DeadLetter { reason: invalid.reason, to, reply, record: None }
 }
 
+/// Where the reply to `job` goes, if it has a `reply_to`.
+fn reply_target(job: &Job, envelope: &Envelope) -> Option<ReplyTarget> {
+    let queue = envelope.reply_to.clone()?;
+    Some(ReplyTarget { queue, correlation_id: envelope.correlation_id.clone().or_else(|| Some(job.job_id.clone())) })
+}
+
+/// A job without a `reply_to`: whatever it asks, nobody could be told.
+fn unanswerable(job: &Job) -> Step {
+    let reason = "the message has no reply_to property, so no reply could reach the caller".to_owned();
+    let reply = Reply::error(Some(&job.job_id), ErrorCode::InvalidJob, reason.clone());
+    Step::Settle(Disposition::DeadLetter { reason, to: None, reply, record: None })
+}
+
+/// A job whose earlier deliveries all ended without an ack: running it again may crash this
+/// worker too. The broker's own limit, one delivery later, is only the backstop.
+fn over_delivery_limit(
+    job: &Job,
+    envelope: &Envelope,
+    config: &WorkerConfig,
+    to: &ReplyTarget,
+    record: Option<Record>,
+) -> Option<Step> {
+    if envelope.failed_deliveries < config.delivery_limit {
+        return None;
+    }
+    let reason = format!(
+        "delivered {} times without being settled (amqp.delivery_limit is {})",
+        envelope.failed_deliveries.saturating_add(1),
+        config.delivery_limit
+    );
+    let reply = Reply::error(Some(&job.job_id), ErrorCode::DeliveryLimit, reason.clone());
+    Some(Step::Settle(Disposition::DeadLetter { reason, to: Some(to.clone()), reply, record }))
+}
+
+/// The next step for a `tools/list` job. A listing changes nothing anywhere, so it is neither
+/// claimed nor recorded: a redelivery lists again, and gets the lists as they are then.
+pub(super) fn next_listing(job: &Job, facts: &mut Facts, config: &WorkerConfig, now: DateTime<Utc>) -> Step {
+    let Some(to) = reply_target(job, &facts.envelope) else { return unanswerable(job) };
+    if let Some(settle) = over_delivery_limit(job, &facts.envelope, config, &to, None) {
+        return settle;
+    }
+    let answer = |reply: Reply| Step::Settle(Disposition::Reply { to: to.clone(), reply, record: None });
+    if let Some(catalog) = facts.catalog.take() {
+        return answer(Reply::ok(&job.job_id, catalog));
+    }
+    match policy::call_budget(now, job.deadline, config.call_timeout) {
+        Ok(budget) => Step::List { budget },
+        Err(_) => answer(deadline_exceeded(Some(&job.job_id))),
+    }
+}
+
 /// The next step for a valid `job`, from the `facts` observed so far, at `now`. When it settles
 /// the job with the tool's result, it takes that result out of `facts`.
 pub(super) fn next(job: &Job, facts: &mut Facts, config: &WorkerConfig, now: DateTime<Utc>) -> Step {
-    let Some(queue) = facts.envelope.reply_to.clone() else {
-        let reason = "the message has no reply_to property, so no reply could reach the caller".to_owned();
-        let reply = Reply::error(Some(&job.job_id), ErrorCode::InvalidJob, reason.clone());
-        return Step::Settle(Disposition::DeadLetter { reason, to: None, reply, record: None });
-    };
-    let to = ReplyTarget {
-        queue,
-        correlation_id: facts.envelope.correlation_id.clone().or_else(|| Some(job.job_id.clone())),
-    };
+    let Some(to) = reply_target(job, &facts.envelope) else { return unanswerable(job) };
     let record = Some(Record {
         job_id: job.job_id.clone(),
         call: facts.call.clone(),
@@ -236,18 +285,11 @@ pub(super) fn next(job: &Job, facts: &mut Facts, config: &WorkerConfig, now: Dat
         // The claim may have been written before the error: the job keeps its owner.
         Some(Err(StoreError::Unavailable(_))) => return wait_for_database(job, facts, now, config, answer),
         Some(Err(e)) => return answer(internal(id, e)),
-        // Its earlier deliveries all ended without an ack: running it again may crash this
-        // worker too. The broker's own limit, one delivery later, is only the backstop.
-        Some(Ok(Claim::Run)) if facts.envelope.failed_deliveries >= config.delivery_limit => {
-            let reason = format!(
-                "delivered {} times without being settled (amqp.delivery_limit is {})",
-                facts.envelope.failed_deliveries.saturating_add(1),
-                config.delivery_limit
-            );
-            let reply = Reply::error(id, ErrorCode::DeliveryLimit, reason.clone());
-            return Step::Settle(Disposition::DeadLetter { reason, to: Some(to), reply, record });
+        Some(Ok(Claim::Run)) => {
+            if let Some(settle) = over_delivery_limit(job, &facts.envelope, config, &to, record.clone()) {
+                return settle;
+            }
         }
-        Some(Ok(Claim::Run)) => {}
     }
 
     let provider = match facts.route {
@@ -440,7 +482,6 @@ mod tests {
             max_deferrals: 2,
             max_waits: 3,
             delay_queue: "delay".into(),
-            refresh_queue: "refresh".into(),
             shutdown_grace: Duration::from_secs(1),
             owner: "test".into(),
             claim_lease: Duration::from_secs(70),
@@ -457,6 +498,7 @@ mod tests {
         Job {
             job_id: "j1".into(),
             user_id: "alice".into(),
+            method: crate::job::Method::CallTool,
             tool: "qlik_apps".into(),
             arguments: json!({"q": 1}).as_object().unwrap().clone(),
             deadline,
@@ -472,6 +514,7 @@ mod tests {
             claim: None,
             token: None,
             call_result: None,
+            catalog: None,
         }
     }
 
@@ -532,6 +575,34 @@ mod tests {
         assert!(matches!(
             settle(next_at(&job(None), &mut facts, 0)),
             Disposition::DeadLetter { to: None, record: None, .. }
+        ));
+    }
+
+    #[test]
+    fn a_listing_is_never_claimed_nor_recorded_and_keeps_to_its_deadline() {
+        let listing = Job { method: crate::job::Method::ListTools, tool: String::new(), ..job(Some(at(10))) };
+        let mut facts = facts(Route::Unknown);
+        match next_listing(&listing, &mut facts, &config(), at(0)) {
+            Step::List { budget } => assert_eq!(budget.timeout, Duration::from_secs(10), "cut to the deadline"),
+            other => panic!("{other:?}"),
+        }
+        facts.catalog = Some(json!({"tools": [], "unavailable": []}));
+        match settle(next_listing(&listing, &mut facts, &config(), at(1))) {
+            Disposition::Reply { reply: Reply::Ok { result, .. }, record: None, .. } => {
+                assert_eq!(result["tools"], json!([]))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(answered(next_listing(&listing, &mut facts, &config(), at(10))), ("deadline_exceeded", false));
+        facts.envelope.failed_deliveries = 5;
+        assert!(matches!(
+            settle(next_listing(&listing, &mut facts, &config(), at(0))),
+            Disposition::DeadLetter { to: Some(_), record: None, .. }
+        ));
+        facts.envelope.reply_to = None;
+        assert!(matches!(
+            settle(next_listing(&listing, &mut facts, &config(), at(0))),
+            Disposition::DeadLetter { to: None, .. }
         ));
     }
 

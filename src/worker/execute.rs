@@ -1,5 +1,6 @@
-//! The shell of the job path: performs, one at a time, the steps that [`decision::next`] asks
-//! for (claim the `job_id`, read the user's token, call the tool), tells it what each observed,
+//! The shell of the job path: performs, one at a time, the steps that [`decision::next`] (or,
+//! for a `tools/list` job, [`decision::next_listing`]) asks for (claim the `job_id`, read the
+//! user's token, call the tool, list the catalog), tells it what each observed,
 //! and reads the clock once per step. It decides nothing itself; [`super::Worker`] then settles
 //! the delivery as the returned [`Disposition`] says.
 
@@ -11,7 +12,8 @@ use super::Worker;
 use super::decision::{self, CallFacts, Disposition, Facts, Route, Step, TokenFacts};
 use super::envelope::Envelope;
 use super::policy::{self, TokenVerdict};
-use crate::job::{self, Job};
+use crate::catalog::{ToolHints, Via};
+use crate::job::{self, Job, Method};
 use crate::mcp::{Called, HeldBytes};
 use crate::queue::Delivery;
 use crate::registry::{AuthSpec, CredentialHeader};
@@ -27,6 +29,8 @@ pub(super) struct Disposed {
     /// The answer bytes the result was built from, held from the response budget until the reply
     /// is published (see [`HeldBytes`]).
     pub(super) held: Option<HeldBytes>,
+    /// What the catalog knows of the called tool's effects, when it has the user's list.
+    pub(super) hints: Option<ToolHints>,
 }
 
 impl Worker {
@@ -37,7 +41,7 @@ impl Worker {
             Ok(job) => job,
             Err(invalid) => {
                 let disposition = decision::refuse_invalid(&envelope, invalid);
-                return Disposed { job: None, disposition, call_time: Duration::ZERO, held: None };
+                return Disposed { job: None, disposition, call_time: Duration::ZERO, held: None, hints: None };
             }
         };
         let server = self.registry.route(&job.tool);
@@ -51,14 +55,26 @@ impl Worker {
             .claim
             .clone()
             .unwrap_or_else(|| format!("{}/{}", self.config.owner, uuid::Uuid::new_v4().simple()));
-        let mut facts =
-            Facts { call: job.fingerprint(), owner, envelope, route, claim: None, token: None, call_result: None };
+        let mut facts = Facts {
+            call: job.fingerprint(),
+            owner,
+            envelope,
+            route,
+            claim: None,
+            token: None,
+            call_result: None,
+            catalog: None,
+        };
         let mut credential = None;
         let mut call_time = Duration::ZERO;
-        let mut held = None;
+        let (mut held, mut hints) = (None, None);
         loop {
             let now = Utc::now();
-            match decision::next(&job, &mut facts, &self.config, now) {
+            let step = match job.method {
+                Method::CallTool => decision::next(&job, &mut facts, &self.config, now),
+                Method::ListTools => decision::next_listing(&job, &mut facts, &self.config, now),
+            };
+            match step {
                 Step::Claim { lease_until, expires_at } => {
                     let returning = facts.envelope.claim.is_some();
                     let claim = self
@@ -77,9 +93,14 @@ impl Worker {
                     facts.token = Some(seen);
                     credential = header;
                 }
+                Step::List { budget } => {
+                    let catalog = self.catalog.list(&job.user_id, budget, Via::Amqp).await;
+                    facts.catalog = Some(serde_json::to_value(catalog).expect("a catalog holds only strings and JSON"));
+                }
                 Step::Call { budget } => {
                     let server = server.expect("the rules call only a routed tool");
                     let client = self.mcp.get(&server.name).expect("every routed server has a client");
+                    hints = self.catalog.hints(server, &job.user_id, &job.tool).await;
                     let called = Instant::now();
                     // The arguments are not needed after the call: moved, not copied.
                     let arguments = std::mem::take(&mut job.arguments);
@@ -96,7 +117,7 @@ impl Worker {
                     self.metrics.mcp_call(&server.name, label, call_time);
                     facts.call_result = Some(CallFacts { outcome, budget });
                 }
-                Step::Settle(disposition) => return Disposed { job: Some(job), disposition, call_time, held },
+                Step::Settle(disposition) => return Disposed { job: Some(job), disposition, call_time, held, hints },
             }
         }
     }

@@ -9,10 +9,8 @@
 mod decision;
 mod envelope;
 mod execute;
-mod once;
 pub(crate) mod policy;
 mod token_cache;
-mod token_events;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,18 +20,22 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
 use crate::crypto::TokenCipher;
+use crate::early_refresh::EarlyRefresh;
 use crate::events::Events;
 use crate::mcp::McpClients;
-use crate::messages::{RefreshRequest, TokenEventKind};
+use crate::messages::TokenEventKind;
 use crate::metrics::Metrics;
+use crate::once::OncePer;
+use crate::provider::Provider;
 use crate::queue::{Broker, Consumer, Delivery, Published, Publisher, QueueError};
 use crate::registry::Registry;
 use crate::store::{ResultStore, Store, TokenStores};
+use crate::token_events::UserCache;
 use decision::{Disposition, Record, RefreshNeeded, RefusedToken, ReplyTarget};
 use envelope::{Carry, Envelope};
 use execute::Disposed;
-use once::OncePerUser;
 use token_cache::TokenCache;
 
 /// The settings the job path reads, resolved once at start.
@@ -51,7 +53,6 @@ pub(crate) struct WorkerConfig {
     /// Times a job may wait for an unreachable database before it is answered `internal`.
     pub(crate) max_waits: u32,
     pub(crate) delay_queue: String,
-    pub(crate) refresh_queue: String,
     /// How long jobs in flight may take to finish after shutdown was asked for.
     pub(crate) shutdown_grace: Duration,
     /// This process's name, the prefix of its job claims.
@@ -75,11 +76,14 @@ pub(crate) struct Worker {
     token_stores: TokenStores,
     cipher: Arc<TokenCipher>,
     mcp: Arc<McpClients>,
+    /// Answers `tools/list` jobs, and knows the annotations of the tools called.
+    catalog: Arc<Catalog>,
     publisher: Publisher,
+    early_refresh: EarlyRefresh,
     events: Events,
     tokens: TokenCache,
     /// Users whose unreadable token was already logged.
-    unreadable: OncePerUser,
+    unreadable: OncePer,
     metrics: Arc<Metrics>,
 }
 
@@ -89,21 +93,38 @@ pub(crate) struct WorkerPeers {
     pub(crate) store: Store,
     pub(crate) cipher: Arc<TokenCipher>,
     pub(crate) mcp: Arc<McpClients>,
+    pub(crate) catalog: Arc<Catalog>,
     pub(crate) publisher: Publisher,
+    pub(crate) early_refresh: EarlyRefresh,
     pub(crate) events: Events,
     pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Worker {
     pub(crate) fn new(config: WorkerConfig, peers: WorkerPeers) -> Self {
-        let WorkerPeers { registry, store, cipher, mcp, publisher, events, metrics } = peers;
+        let WorkerPeers { registry, store, cipher, mcp, catalog, publisher, early_refresh, events, metrics } = peers;
         let tokens = TokenCache::new(config.token_cache_ttl);
-        let unreadable = OncePerUser::new(10_000);
+        let unreadable = OncePer::new(10_000);
         let (results, token_stores) = (store.results(), store.token_stores(&cipher));
-        Self { config, registry, results, token_stores, cipher, mcp, publisher, events, tokens, unreadable, metrics }
+        Self {
+            config,
+            registry,
+            results,
+            token_stores,
+            cipher,
+            mcp,
+            catalog,
+            publisher,
+            early_refresh,
+            events,
+            tokens,
+            unreadable,
+            metrics,
+        }
     }
 
-    /// Whether the token cache is on, and so needs the token events (see [`Worker::run`]).
+    /// Whether the token cache is on, and so needs the token events (see [`crate::token_events`]);
+    /// without them it stays off.
     pub(crate) fn caches_tokens(&self) -> bool {
         self.tokens.enabled()
     }
@@ -111,19 +132,7 @@ impl Worker {
     /// Consumes until `shutdown` fires, then stops taking jobs and gives the ones in flight the
     /// grace period. A lost consumer is resumed on the broker's next link; jobs in flight then
     /// finish, but their deliveries can no longer be acked and come back (see [`Broker::next`]).
-    /// `events`, a subscription to the token events, keeps the token cache in step; without it
-    /// the cache stays off.
-    pub(crate) async fn run(
-        self: Arc<Self>,
-        broker: Broker,
-        mut jobs: Consumer,
-        events: Option<Consumer>,
-        shutdown: CancellationToken,
-    ) {
-        let follower = events.map(|events| {
-            let (worker, broker, shutdown) = (self.clone(), broker.clone(), shutdown.clone());
-            tokio::spawn(async move { worker.follow_token_events(&broker, events, &shutdown).await })
-        });
+    pub(crate) async fn run(self: Arc<Self>, broker: Broker, mut jobs: Consumer, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut in_flight = JoinSet::new();
         loop {
@@ -156,24 +165,29 @@ impl Worker {
             in_flight.abort_all();
             while in_flight.join_next().await.is_some() {}
         }
-        if let Some(follower) = follower {
-            let _ = follower.await;
-        }
     }
 
     /// Runs one delivery to its end: reply published and confirmed, then ack. If the reply cannot
     /// be confirmed the job is requeued, never acked, so it is not lost. Logs one `job done`
     /// line at info, with the user as a keyed pseudonym ([`TokenCipher::pseudonym`]), never the
     /// id itself.
-    #[tracing::instrument(skip_all, fields(job_id, tool, user))]
+    #[tracing::instrument(skip_all, fields(job_id, tool, user, read_only, destructive))]
     async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
-        let Disposed { job, disposition, call_time, held } = self.dispose(&delivery).await;
+        let Disposed { job, disposition, call_time, held, hints } = self.dispose(&delivery).await;
+        let span = tracing::Span::current();
         if let Some(job) = &job {
-            let span = tracing::Span::current();
             span.record("job_id", job.job_id.as_str());
-            span.record("tool", job.tool.as_str());
+            span.record("tool", if job.tool.is_empty() { "tools/list" } else { job.tool.as_str() });
             span.record("user", self.cipher.pseudonym(&job.user_id));
+        }
+        // What the tool's annotations say, when the catalog has its list: logged for now, for
+        // later work to act on.
+        if let Some(read_only) = hints.and_then(|h| h.read_only) {
+            span.record("read_only", read_only);
+        }
+        if let Some(destructive) = hints.and_then(|h| h.destructive) {
+            span.record("destructive", destructive);
         }
         let outcome = disposition.outcome();
         // Boxed: only the short publish-and-ack needs this state, not the long MCP call before it,
@@ -274,19 +288,9 @@ impl Worker {
         }
     }
 
-    /// Asks the refresher to renew the user's token now. Best effort: if the request is lost, the
-    /// refresher's next scan finds the token anyway, since it expires within the lead time.
+    /// Asks the refresher to renew the user's token now (see [`EarlyRefresh::ask`]).
     async fn request_refresh(&self, needed: &RefreshNeeded) {
-        let request = RefreshRequest {
-            provider: needed.provider,
-            user_id: needed.user_id.clone(),
-            needed_until: needed.until,
-            refused: needed.refused,
-        };
-        let body = serde_json::to_vec(&request).expect("a refresh request serializes");
-        if let Err(e) = self.publisher.send(&self.config.refresh_queue, &body).await {
-            tracing::warn!(error = %e, "could not ask the refresher for an early refresh");
-        }
+        self.early_refresh.ask(needed.provider, &needed.user_id, needed.until, needed.refused).await;
     }
 
     async fn publish_reply(&self, to: &ReplyTarget, body: &[u8]) -> Result<(), QueueError> {
@@ -297,5 +301,20 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+/// The token cache follows the token events.
+impl UserCache for Worker {
+    fn forget(&self, provider: Provider, user_id: &str) {
+        self.tokens.forget(provider, user_id, Instant::now());
+    }
+
+    fn suspend(&self) {
+        self.tokens.suspend();
+    }
+
+    fn resume(&self) {
+        self.tokens.resume(Instant::now());
     }
 }

@@ -202,3 +202,87 @@ async fn many_large_answers_at_once_stay_within_the_response_budget() {
     assert_eq!(metric(&metrics, "mcp_worker_mcp_response_bytes "), 0, "every byte went back");
     app.stop().await;
 }
+
+/// A page of a tool list answering the JSON-RPC request `id`.
+fn tool_page(id: &Value, tools: Value, next_cursor: Option<String>) -> axum::response::Response {
+    let mut result = json!({ "tools": tools });
+    if let Some(cursor) = next_cursor {
+        result["nextCursor"] = json!(cursor);
+    }
+    crate::support::hostile::json_response(200, &json!({ "jsonrpc": "2.0", "id": id, "result": result }))
+}
+
+fn tool(name: &str, description: &str) -> Value {
+    json!({ "name": name, "description": description, "inputSchema": { "type": "object" } })
+}
+
+/// Servers that abuse `tools/list`, each on its own path of one hostile server: one whose list
+/// never ends, one that names the same cursor again, one whose pages add up to more than
+/// `mcp.max_response_bytes`, and a token server that redirects the listing elsewhere. Each is
+/// named unavailable with the reason, within bounds, and the one good server is still listed;
+/// the redirect's target receives nothing.
+#[tokio::test]
+async fn hostile_tool_lists_are_cut_off_and_the_other_servers_are_still_listed() {
+    let elsewhere = Recorder::elsewhere().await;
+    let target = format!("{}/mcp", elsewhere.base);
+    let server = Recorder::mcp(move |request, message: &Value| {
+        let id = &message["id"];
+        let page: u64 = message["params"]["cursor"]
+            .as_str()
+            .and_then(|c| c.strip_prefix('c'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        match request.uri.path() {
+            "/good" => tool_page(id, json!([tool("echo", "fine")]), None),
+            "/endless" => tool_page(id, json!([tool("endless_tool", "again")]), Some(format!("c{}", page + 1))),
+            "/repeat" => tool_page(id, json!([tool("repeat_tool", "again")]), Some("c1".into())),
+            "/huge" => tool_page(id, json!([tool("huge_tool", &"x".repeat(20_000))]), Some(format!("c{}", page + 1))),
+            _ => redirect(307, &target),
+        }
+    })
+    .await;
+    let at = |path: &str| format!("{}{path}", server.base);
+    let overrides = [
+        ("mcp.servers.plain", json!({ "url": at("/good"), "tools": ["echo"] })),
+        ("mcp.servers.endless", json!({ "url": at("/endless"), "tool_prefix": "endless_" })),
+        ("mcp.servers.repeat", json!({ "url": at("/repeat"), "tool_prefix": "repeat_" })),
+        ("mcp.servers.huge", json!({ "url": at("/huge"), "tool_prefix": "huge_" })),
+        ("mcp.max_response_bytes", json!(65_536)),
+    ];
+    let app = spawn_app_with(&at("/redirect"), &overrides).await;
+    app.store_token("alice", "hostile-list-token").await;
+
+    let url = reqwest::Url::parse_with_params(&format!("{}/v1/tools", app.api), [("user_id", "alice")]).unwrap();
+    let answer = reqwest::Client::new().get(url).bearer_auth(crate::support::SERVICE_KEY).send().await.unwrap();
+    let catalog: Value = answer.json().await.unwrap();
+    assert_eq!(
+        catalog["tools"],
+        json!([{ "name": "echo", "description": "fine", "inputSchema": { "type": "object" }, "server": "plain" }])
+    );
+    let reasons: std::collections::BTreeMap<&str, (&str, &str)> = catalog["unavailable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["server"].as_str().unwrap(),
+                (u["error"]["code"].as_str().unwrap(), u["error"]["message"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.len(), 4, "{catalog:#}");
+    assert!(reasons.values().all(|(code, _)| *code == "mcp_protocol_error"), "{catalog:#}");
+    assert!(reasons["endless"].1.contains("after 100 pages"), "{catalog:#}");
+    assert!(reasons["repeat"].1.contains("cursor it had named before"), "{catalog:#}");
+    assert!(reasons["huge"].1.contains("larger than mcp.max_response_bytes"), "{catalog:#}");
+    assert!(reasons["qlik"].1.contains("redirects are not followed"), "{catalog:#}");
+
+    let lists = |path: &str| {
+        server.received().into_iter().filter(|r| r.uri.path() == path && r.text().contains("tools/list")).count()
+    };
+    assert_eq!((lists("/endless"), lists("/repeat"), lists("/huge")), (100, 2, 4), "bounded, and no more");
+    assert!(elsewhere.received().is_empty(), "the redirect's target received {:?}", elsewhere.received());
+    let redirected: Vec<_> = server.received().into_iter().filter(|r| r.uri.path() == "/redirect").collect();
+    assert!(redirected.iter().any(|r| r.text().contains("hostile-list-token") && r.text().contains("tools/list")));
+    app.stop().await;
+}

@@ -2,6 +2,7 @@
 //! the official MCP Python SDK's servers. Start them with `scripts/services up`; `scripts/test`
 //! does that and then runs this suite.
 
+mod catalog;
 mod cli;
 mod compose;
 mod connect;

@@ -108,10 +108,18 @@ async fn each_job_logs_one_json_line_with_a_pseudonym_for_the_user() {
     let read = || std::fs::read_to_string(logs.path()).unwrap();
     support::wait_until("the worker is ready", || async { read().contains("mcp-worker ready") }).await;
 
+    // The user's catalog first, as the chat backend would: the worker then knows the annotations
+    // of the tool it is asked to call.
+    let listed = mcp_worker(&env, &["tools", "--user", user, "--wait", "30"]).await;
+    assert_eq!(listed.status.code(), Some(0), "{}", String::from_utf8_lossy(&listed.stderr));
+    let catalog: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let names: Vec<&str> =
+        catalog["result"]["tools"].as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
+    assert!(names.contains(&"qlik_whoami") && names.contains(&"echo"), "{catalog}");
     let output = mcp_worker(&env, &["call", "--user", user, "--tool", "qlik_whoami", "--wait", "30"]).await;
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
-    support::wait_until("the job is logged", || async { read().contains("job done") }).await;
+    support::wait_until("the job is logged", || async { read().matches("job done").count() == 2 }).await;
     assert!(terminate(&mut worker), "the worker stops cleanly on SIGTERM");
 
     let text = read();
@@ -124,14 +132,18 @@ async fn each_job_logs_one_json_line_with_a_pseudonym_for_the_user() {
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}")))
         .collect();
     let done: Vec<&Value> = lines.iter().filter(|l| l["message"] == "job done").collect();
-    assert_eq!(done.len(), 1, "one line per job:\n{text}");
-    let line = done[0];
+    assert_eq!(done.len(), 2, "one line per job:\n{text}");
+    assert_eq!(done[0]["span"]["tool"], "tools/list", "{text}");
+    let line = done[1];
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["outcome"], "ok");
     assert!(line["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
     let span = &line["span"];
     assert_eq!(span["job_id"], reply["job_id"], "{line}");
     assert_eq!(span["tool"], "qlik_whoami");
+    // From the server's annotations of it (readOnlyHint: true), through the cached catalog.
+    assert_eq!(span["read_only"], true, "{line}");
+    assert!(span.get("destructive").is_none(), "the server says nothing of it: {line}");
     let pseudonym = span["user"].as_str().expect("the user is logged as a pseudonym");
     assert!(pseudonym.len() == 16 && pseudonym.chars().all(|c| c.is_ascii_hexdigit()), "{pseudonym}");
     assert!(!text.contains(user) && !text.contains("person"), "the user id itself was logged:\n{text}");

@@ -84,7 +84,22 @@ fn provider_is_listed(provider: Provider) -> bool {
     }
 }
 
-const SCHEMA_NAMES: [&str; 3] = ["job", "reply", "event"];
+const SCHEMA_NAMES: [&str; 4] = ["job", "reply", "event", "catalog"];
+
+/// Where the schemas' `$id`s live: a schema refers to another by its file name, beside it.
+const SCHEMA_BASE: &str = "https://mcp-worker.invalid/schemas/";
+
+/// Finds a schema another refers to in `schemas/`, as a consumer would beside the referring file.
+/// Nothing is fetched from the network.
+struct Beside;
+
+impl jsonschema::Retrieve for Beside {
+    fn retrieve(&self, uri: &jsonschema::Uri<String>) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let file = uri.as_str().strip_prefix(SCHEMA_BASE).ok_or_else(|| format!("{uri} is not one of ours"))?;
+        let name = file.strip_suffix(".v1.schema.json").ok_or_else(|| format!("{uri} is not a schema file"))?;
+        Ok(schema_document(name))
+    }
+}
 
 /// `schemas/<name>.v1.schema.json`, parsed.
 fn schema_document(name: &str) -> Value {
@@ -100,6 +115,7 @@ fn validator(name: &str) -> Validator {
     jsonschema::draft202012::options()
         .should_validate_formats(true)
         .should_ignore_unknown_formats(false)
+        .with_retriever(Beside)
         .build(&schema_document(name))
         .unwrap_or_else(|e| panic!("schemas/{name}.v1.schema.json does not compile: {e}"))
 }
@@ -108,10 +124,16 @@ struct Schemas {
     job: Validator,
     reply: Validator,
     event: Validator,
+    catalog: Validator,
 }
 
 fn schemas() -> Schemas {
-    Schemas { job: validator("job"), reply: validator("reply"), event: validator("event") }
+    Schemas {
+        job: validator("job"),
+        reply: validator("reply"),
+        event: validator("event"),
+        catalog: validator("catalog"),
+    }
 }
 
 /// Fails the test, listing every violation, when `instance` does not match.
@@ -319,6 +341,23 @@ fn the_job_schema_accepts_what_the_decoder_accepts_and_refuses_what_it_refuses()
         ("null", Value::Null),
         ("a number", json!(7)),
         ("an empty object", json!({})),
+        ("a tools/call method", with("method", json!("tools/call"))),
+        ("a null method", with("method", Value::Null)),
+        ("an unknown method", with("method", json!("tools/lists"))),
+        ("a method that is a number", with("method", json!(1))),
+        ("a listing", json!({ "job_id": "j", "user_id": "u", "method": "tools/list" })),
+        ("a listing with a blank tool", json!({ "job_id": "j", "user_id": "u", "method": "tools/list", "tool": " " })),
+        (
+            "a listing with a number for tool",
+            json!({ "job_id": "j", "user_id": "u", "method": "tools/list", "tool": 5 }),
+        ),
+        (
+            "a listing with array arguments",
+            json!({ "job_id": "j", "user_id": "u", "method": "tools/list", "arguments": [] }),
+        ),
+        ("a listing without a user", json!({ "job_id": "j", "method": "tools/list" })),
+        ("a listing with a blank user", json!({ "job_id": "j", "user_id": " ", "method": "tools/list" })),
+        ("a call without a tool", json!({ "job_id": "j", "user_id": "u", "method": "tools/call" })),
     ];
     let mut cases: Vec<(String, Value)> = fixed.into_iter().map(|(name, job)| (name.to_owned(), job)).collect();
     for field in ["job_id", "user_id", "tool"] {
@@ -533,11 +572,10 @@ fn hand_made_wrong_messages_are_refused() {
     );
 }
 
-#[tokio::test]
-async fn replies_of_a_running_worker_match_the_reply_schema() {
-    let schemas = schemas();
-    // Two SDK generations: `qlik_*` tools on an `mcp<2` server (no `resultType`), the plain
-    // tools on an `mcp>=2` one (protocol 2026-07-28, with `resultType`), and a server that is down.
+/// Two SDK generations, `qlik_*` tools on an `mcp<2` server (no `resultType`) and the plain tools
+/// on an `mcp>=2` one (protocol 2026-07-28, with `resultType`), and a server that is down (no
+/// retries: it is answered at once). The servers live as long as the returned pair.
+async fn two_generations_and_a_down_server() -> ((McpServer, McpServer), TestApp) {
     let v1 = McpServer::spawn(Flavor::V1Sse).await;
     let v2 = McpServer::spawn(Flavor::V2Json).await;
     let overrides = [
@@ -546,6 +584,13 @@ async fn replies_of_a_running_worker_match_the_reply_schema() {
         ("worker.retry_delays_ms", json!([])),
     ];
     let app = spawn_app_with(&v1.url(), &overrides).await;
+    ((v1, v2), app)
+}
+
+#[tokio::test]
+async fn replies_of_a_running_worker_match_the_reply_schema() {
+    let schemas = schemas();
+    let (_servers, app) = two_generations_and_a_down_server().await;
     app.store_token("alice", "alice-token").await;
     // A token no HTTP header can carry (stored by older code): only reconnecting helps.
     app.store_token("carol", "broken\ntoken").await;
@@ -605,6 +650,68 @@ async fn replies_of_a_running_worker_match_the_reply_schema() {
         (&unreadable["error"]["code"], &unreadable["job_id"]),
         (&json!("invalid_job"), &Value::Null),
         "{unreadable}"
+    );
+    app.stop().await;
+}
+
+/// `GET /v1/tools?user_id={user}` with the service key.
+async fn catalog_over_http(app: &TestApp, user: &str) -> Value {
+    let url = reqwest::Url::parse_with_params(&format!("{}/v1/tools", app.api), [("user_id", user)]).unwrap();
+    let answer = reqwest::Client::new().get(url).bearer_auth(crate::support::SERVICE_KEY).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn catalogs_over_amqp_and_http_match_the_catalog_schema() {
+    let schemas = schemas();
+    let (_servers, app) = two_generations_and_a_down_server().await;
+    app.store_token("alice", "alice-token").await;
+    let list = |job_id: &str, user: &str| json!({ "job_id": job_id, "user_id": user, "method": "tools/list" });
+    send(&app, &schemas, "alice", &list("list-alice", "alice")).await;
+    send(&app, &schemas, "nobody", &list("list-nobody", "nobody")).await;
+    let replies = replies(&app, 2).await;
+    for (user, reply) in &replies {
+        assert_valid(&schemas.reply, &format!("{user}'s tools/list reply"), reply);
+        assert_valid(&schemas.catalog, &format!("{user}'s catalog"), &reply["result"]);
+        let over_http = catalog_over_http(&app, user).await;
+        assert_valid(&schemas.catalog, &format!("{user}'s catalog over HTTP"), &over_http);
+    }
+    // Each catalog is the case it was meant to be: tools with their annotations, and each kind of
+    // unavailable server.
+    let alice = &replies["alice"]["result"];
+    let whoami = alice["tools"].as_array().unwrap().iter().find(|t| t["name"] == "qlik_whoami").expect("listed");
+    assert_eq!((&whoami["server"], &whoami["annotations"]["readOnlyHint"]), (&json!("qlik"), &json!(true)));
+    assert!(alice["tools"].as_array().unwrap().iter().any(|t| t["server"] == "plain" && t["outputSchema"].is_object()));
+    let codes = |catalog: &Value| -> BTreeMap<String, String> {
+        let unavailable = catalog["unavailable"].as_array().unwrap().iter();
+        unavailable
+            .map(|u| (u["server"].as_str().unwrap().to_owned(), u["error"]["code"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    assert_eq!(codes(alice), BTreeMap::from([("down".to_owned(), "mcp_unavailable".to_owned())]));
+    let nobody = &replies["nobody"]["result"];
+    assert_eq!(codes(nobody)["qlik"], "not_connected", "{nobody}");
+
+    // The schema is not vacuous: wrong catalogs are refused.
+    let mutations: &[Mutation<'_>] = &[
+        ("a tool without its server", &remove("/tools/0/server")),
+        ("a tool without an input schema", &remove("/tools/0/inputSchema")),
+        ("a tool whose input schema is a string", &set("/tools/0/inputSchema", json!("x"))),
+        ("an annotation of the wrong type", &set("/tools/0/annotations/readOnlyHint", json!("yes"))),
+        ("an unknown error code", &set("/unavailable/0/error/code", json!("teapot"))),
+        ("not_connected without its provider", &remove("/unavailable/0/error/provider")),
+        ("no unavailable list", &remove("/unavailable")),
+    ];
+    assert_mutants_invalid(&schemas.catalog, "nobody's catalog", nobody, &mutations[..5]);
+    let mut not_connected = nobody.clone();
+    not_connected["unavailable"] =
+        json!([nobody["unavailable"].as_array().unwrap().iter().find(|u| u["server"] == "qlik").unwrap()]);
+    assert_mutants_invalid(&schemas.catalog, "a not_connected catalog", &not_connected, &mutations[5..]);
+    assert_invalid(
+        &schemas.reply,
+        "an ok reply whose result is neither",
+        &json!({ "status": "ok", "job_id": "j", "result": { "tools": [] } }),
     );
     app.stop().await;
 }

@@ -131,7 +131,7 @@ pub fn json_response(status: u16, body: &serde_json::Value) -> Response {
 
 impl Recorder {
     /// A hostile MCP server: speaks just enough MCP (a legacy `initialize` handshake, so rmcp
-    /// falls back from `server/discover`), and answers each `tools/call` with
+    /// falls back from `server/discover`), and answers each `tools/call` and `tools/list` with
     /// `on_call(request, its JSON-RPC body)`.
     pub async fn mcp(on_call: impl Fn(&Received, &serde_json::Value) -> Response + Send + Sync + 'static) -> Self {
         Self::spawn(move |request| {
@@ -155,7 +155,7 @@ impl Recorder {
                     "capabilities": { "tools": {} },
                     "serverInfo": { "name": "hostile", "version": "0" },
                 }})),
-                "tools/call" => on_call(request, &message),
+                "tools/call" | "tools/list" => on_call(request, &message),
                 _ if message.get("id").is_none() => Response::builder().status(202).body(Body::empty()).unwrap(),
                 _ => Response::builder().status(404).body(Body::empty()).unwrap(),
             }

@@ -46,6 +46,8 @@ pub struct LoggedRequest {
     pub mcp_method: Option<String>,
     pub tool: Option<String>,
     pub arguments: Option<serde_json::Value>,
+    /// `params.cursor` of a `tools/list`.
+    pub cursor: Option<String>,
 }
 
 pub struct McpServer {
@@ -70,6 +72,11 @@ impl McpServer {
     }
 
     pub async fn spawn_on(flavor: Flavor, port: u16) -> Self {
+        Self::spawn_with(flavor, port, &[]).await
+    }
+
+    /// A server on `port` started with more of server.py's flags (e.g. `--page-size 3`).
+    pub async fn spawn_with(flavor: Flavor, port: u16, flags: &[&str]) -> Self {
         let python = repo().join(".venv").join(flavor.venv()).join("bin/python");
         assert!(python.exists(), "{} is missing: run scripts/python-envs", python.display());
         let dir = tempfile::tempdir().unwrap();
@@ -84,6 +91,7 @@ impl McpServer {
         if flavor.json_response() {
             command.arg("--json-response");
         }
+        command.args(flags);
         let child = command.spawn().expect("the MCP test server starts");
         let server = Self { child, port, log, _dir: dir };
         for _ in 0..400 {
@@ -108,6 +116,11 @@ impl McpServer {
     /// The logged `tools/call` requests.
     pub fn tool_calls(&self) -> Vec<LoggedRequest> {
         self.requests().into_iter().filter(|r| r.mcp_method.as_deref() == Some("tools/call")).collect()
+    }
+
+    /// The logged `tools/list` requests.
+    pub fn tool_lists(&self) -> Vec<LoggedRequest> {
+        self.requests().into_iter().filter(|r| r.mcp_method.as_deref() == Some("tools/list")).collect()
     }
 }
 
