@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """Calls one tool for one user through mcp-worker and prints the result, or where to send the
-user when they must connect first.
+user when they must connect first; or lists the tools that user can use.
 
     example.py --user u-42 --tool qlik_whoami [--args '{"k": 1}'] [--timeout 60]
+    example.py --user u-42 --list-tools [--timeout 60]
+
+`--list-tools` prints one line per tool, `name<TAB>server<TAB>description` (the description as
+the model would get it from `function_tools`, first line), then one line per server that could
+not be listed: `server: code: message`, and for those the user must connect, `send the user to:
+<url>`.
 
 Settings come from options or the environment (options win):
 
@@ -16,8 +22,9 @@ Settings come from options or the environment (options win):
                                              from the environment, so it is not in `ps` output
     --return-to     MCP_CLIENT_RETURN_TO     where the connect flow ends (default: the worker's)
 
-Exit status: 0 the tool ran (its result may still be `isError: true`), 2 the user must connect
-(the URL is printed), 3 another error reply, 1 no answer or no broker.
+Exit status: 0 the tool ran (its result may still be `isError: true`), or the tools were listed
+(some servers may be unavailable, as printed), 2 the user must connect (the URL is printed),
+3 another error reply, 1 no answer or no broker.
 
 Against `scripts/run --keep`: MCP_CLIENT_SERVICE_KEY=dev-service-key example.py --user demo-user
 --tool qlik_whoami.
@@ -34,7 +41,15 @@ import sys
 
 import aio_pika.exceptions
 
-from mcp_worker_client import CallTimeout, McpWorkerClient, McpWorkerError, NeedsConnect, ToolCallFailed
+from mcp_worker_client import (
+    CallTimeout,
+    McpWorkerClient,
+    McpWorkerError,
+    NeedsConnect,
+    ToolCallFailed,
+    connections_needed,
+    function_tools,
+)
 
 
 def amqp_urls(value: str) -> list[str]:
@@ -53,7 +68,9 @@ def parse_args() -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--user", required=True, help="whose token the call uses")
-    parser.add_argument("--tool", required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tool", help="the tool to call")
+    what.add_argument("--list-tools", action="store_true", help="list the tools the user can use instead")
     parser.add_argument("--args", default="{}", help="the tool's arguments, a JSON object")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
     parser.add_argument("--amqp-url", action="append", help="a broker address; repeat it for a cluster's nodes")
@@ -79,6 +96,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+async def print_tools(client: McpWorkerClient, args: argparse.Namespace) -> int:
+    """Prints the user's catalog (see the module doc); the connect URLs are asked for only when
+    some server needs the user to connect."""
+    catalog = await client.list_tools(args.user, timeout=args.timeout)
+    servers = {tool["name"]: tool.get("server", "?") for tool in catalog["tools"]}
+    for entry in function_tools(catalog):
+        function = entry["function"]
+        summary = function["description"].strip().splitlines()[0]
+        print(f"{function['name']}\t{servers.get(function['name'], '?')}\t{summary}")
+    to_connect = {needed.server: needed.provider for needed in connections_needed(catalog)}
+    urls = await client.connect_urls(args.user, catalog) if to_connect else {}
+    for unavailable in catalog["unavailable"]:
+        error = unavailable.get("error") or {}
+        line = f"{unavailable.get('server')}: {error.get('code')}: {error.get('message', '')}"
+        url = urls.get(to_connect.get(str(unavailable.get("server", ""))) or "")
+        print(f"{line}: send the user to: {url}" if url else line)
+    return 0
+
+
 async def main() -> int:
     args = parse_args()
     client = McpWorkerClient(
@@ -90,6 +126,8 @@ async def main() -> int:
     )
     try:
         async with client:
+            if args.list_tools:
+                return await print_tools(client, args)
             result = await client.call(args.user, args.tool, args.arguments, timeout=args.timeout)
     except NeedsConnect as needed:  # NotConnected or ReauthRequired
         reason = "is not connected" if needed.code == "not_connected" else "must connect again"

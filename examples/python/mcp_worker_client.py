@@ -1,6 +1,9 @@
 """An async client for mcp-worker, as the chat backend would use it (contract v1, docs/CONTRACT.md).
 
     async with McpWorkerClient(amqp_urls=[...], api_url=..., service_key=...) as client:
+        catalog = await client.list_tools("u-42")           # the tools this user can use now
+        functions = function_tools(catalog)                  # what the model is offered
+        offers = await client.connect_urls("u-42", catalog)  # {provider: URL} still to connect
         try:
             result = await client.call("u-42", "qlik_list_apps", {"space": "x"})
         except NeedsConnect as needed:          # NotConnected or ReauthRequired
@@ -55,6 +58,14 @@ the one-address case). How it talks to the worker, and why:
 - `not_connected` and `reauth_required` need the user, not a retry: the client asks the
   worker's HTTP API for an authorize URL (`POST /v1/connections/qlik/authorize`, service-key
   bearer) and raises `NotConnected` / `ReauthRequired` carrying it, for the chat to show.
+- **The tool catalog** (`list_tools`) is a job too (`"method": "tools/list"`), so it travels the
+  same way as a call: confirmed, resent after a reconnect, deduplicated, bounded by its
+  deadline. Why not only the HTTP endpoint (`GET /v1/tools`, same answer): the chat backend then
+  needs the broker alone, and the listing, which calls every MCP server with the user's token,
+  rides on the same retry and delivery rules as the calls it prepares. A server the user has not
+  connected does not fail the listing: it is named in the catalog's `unavailable`, with the
+  error code a call would have got, and `connections_needed()` / `connect_urls()` turn that into
+  links to offer. `function_tools()` turns the catalog into what a model's function calling takes.
 
 Set a heartbeat in the URLs (`?heartbeat=10`) for a node that vanishes without closing its
 sockets to be noticed in seconds rather than a minute or more. The service key, the passwords in
@@ -183,11 +194,118 @@ def redact(url: str) -> str:
         return "an address that is not a valid URL"
 
 
-def correlation_id_of(job_id: str, user_id: str, tool: str, arguments: dict[str, Any]) -> str:
-    """The `correlation_id` of a call: the same for every copy and every retry of one call with
-    one `job_id`, different for another call reusing that `job_id`."""
-    canonical = json.dumps([job_id, user_id, tool, arguments], sort_keys=True, separators=(",", ":"))
+#: The job methods (`"method"` in the job's body); a job without one is a tool call.
+TOOLS_CALL = "tools/call"
+TOOLS_LIST = "tools/list"
+
+
+def correlation_id_of(
+    job_id: str,
+    user_id: str,
+    tool: str | None = None,
+    arguments: dict[str, Any] | None = None,
+    *,
+    method: str = TOOLS_CALL,
+) -> str:
+    """The `correlation_id` of a job: the same for every copy and every retry of one call (or
+    one listing) with one `job_id`, different for another job reusing that `job_id`. The digest
+    covers the method too, so a listing and a call that share a `job_id` never take each
+    other's replies (a listing has no tool and no arguments: `None`)."""
+    canonical = json.dumps([method, job_id, user_id, tool, arguments], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+#: The error codes in a catalog's `unavailable` that only the user can clear, by connecting.
+CONNECT_CODES = ("not_connected", "reauth_required")
+
+#: Appended to the description of a tool whose server says it is destructive (see `function_tools`).
+DESTRUCTIVE_NOTE = "This tool may delete or overwrite data: ask the user to confirm before calling it."
+
+
+def function_tools(catalog: dict[str, Any], *, destructive_note: str | None = DESTRUCTIVE_NOTE) -> list[dict[str, Any]]:
+    """The catalog's tools in the function-calling format a chat backend hands its model
+    (OpenAI-style): `{"type": "function", "function": {"name", "description", "parameters"}}`.
+
+    Pure: no I/O, so it can run on a catalog kept from earlier. Why each choice:
+
+    - `name` is the tool's name unchanged: the model's function call then names the tool to
+      pass to `call` as is (no mapping table to keep). The server is left out; the worker routes
+      by name.
+    - `description` is the tool's, else its `title`, else its name: a model picks tools by
+      their descriptions, and an empty one makes a tool invisible to it.
+    - A tool whose `annotations.destructiveHint` is `true` gets `destructive_note` appended
+      (`None`: nothing appended), so the model asks before it deletes. Only an explicit `true`:
+      MCP's default for an unannotated tool is "may be destructive", which would put the note
+      on nearly every tool and teach the model to ignore it. Annotations are the server's hints,
+      not guarantees: a backend that must stop destructive calls checks them itself, before
+      `call`, and does not rely on the model.
+    - `parameters` is the tool's `inputSchema` (a copy); a tool without one gets the empty
+      object schema. A tool whose schema is not an object schema is left out: function calling
+      needs one, and MCP requires one, so such a tool is broken at its server.
+
+    Tools come in the catalog's order; a name seen twice (the worker routes each name to one
+    server, so it should not happen) is kept once, the first.
+    """
+    functions: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for tool in catalog.get("tools") or []:
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not name or name in seen:
+            continue
+        schema = tool.get("inputSchema")
+        if schema is None:
+            parameters: dict[str, Any] = {"type": "object", "properties": {}}
+        elif isinstance(schema, dict) and schema.get("type", "object") == "object":
+            parameters = json.loads(json.dumps(schema))  # a deep copy: the catalog stays as it was
+            parameters.setdefault("type", "object")
+            parameters.setdefault("properties", {})
+        else:
+            log.warning("tool %s: its inputSchema is not an object schema; left out", name)
+            continue
+        description = next(
+            (text.strip() for text in (tool.get("description"), tool.get("title")) if isinstance(text, str) and text.strip()),
+            name,
+        )
+        annotations = tool.get("annotations")
+        if destructive_note and isinstance(annotations, dict) and annotations.get("destructiveHint") is True:
+            description = f"{description}\n\n{destructive_note}"
+        seen.add(name)
+        functions.append({"type": "function", "function": {"name": name, "description": description, "parameters": parameters}})
+    return functions
+
+
+@dataclass(frozen=True)
+class ConnectionNeeded:
+    """A server in the catalog's `unavailable` that only the user can make available: they have
+    not connected its `provider` (`not_connected`), or must connect again (`reauth_required`)."""
+
+    server: str
+    provider: str
+    code: str
+    message: str
+
+
+def connections_needed(catalog: dict[str, Any], *, default_provider: str = "qlik") -> list[ConnectionNeeded]:
+    """The catalog's unavailable servers that need the user to connect, in the catalog's order.
+
+    Pure. The other codes (`token_unavailable`, `mcp_unavailable`, `forbidden`, …) are left out:
+    a connect link does not help there (try again later, or tell the user why). A token error
+    names its `provider`; `default_provider` stands in if one ever does not.
+    """
+    needed: list[ConnectionNeeded] = []
+    for entry in catalog.get("unavailable") or []:
+        error = entry.get("error") if isinstance(entry, dict) else None
+        if not isinstance(error, dict) or error.get("code") not in CONNECT_CODES:
+            continue
+        needed.append(
+            ConnectionNeeded(
+                server=str(entry.get("server", "")),
+                provider=str(error.get("provider") or default_provider),
+                code=str(error["code"]),
+                message=str(error.get("message", "")),
+            )
+        )
+    return needed
 
 
 @dataclass(eq=False)
@@ -394,25 +512,81 @@ class McpWorkerClient:
             McpWorkerError: the client was closed while waiting.
             ValueError: a call with this `job_id` is already waiting in this client.
         """
+        job_id = job_id or str(uuid.uuid4())
+        arguments = arguments or {}
+        reply = await self._exchange(
+            job_id,
+            user_id,
+            {"tool": tool, "arguments": arguments},
+            correlation_id_of(job_id, user_id, tool, arguments),
+            timeout,
+        )
+        return await self._result_of(reply, user_id, job_id, timeout)
+
+    async def list_tools(self, user_id: str, *, timeout: float = 30.0, job_id: str | None = None) -> dict[str, Any]:
+        """The tool catalog for `user_id`: every tool the worker routes that this user can see
+        now, and the servers that could not be listed for them (docs/CONTRACT.md):
+
+            {"tools": [{"name", "title"?, "description"?, "inputSchema", "outputSchema"?,
+                        "annotations"?, "server"}, ...],
+             "unavailable": [{"server", "error": {"code", "message", "retryable", "provider"?}}, ...]}
+
+        Both lists are always there (empty when there is nothing). It is a `tools/list` job,
+        published, confirmed, resent after a lost connection and deduplicated exactly as `call`'s
+        jobs are, with the same `deadline` = `timeout` rule, so what `call` promises about
+        delivery holds here too. `job_id` defaults to a new UUID; one given must be this listing's
+        alone, never one a call used: a `job_id` belongs to one job.
+
+        The catalog is per user and per moment: a server that takes the user's token lists what
+        that token may use, and a server the user has not connected is in `unavailable` (e.g.
+        `not_connected`, with its `provider`) while the others' tools still come. So list again
+        when the user connects, or at the start of a conversation, rather than keeping one
+        catalog for everyone. Hand `function_tools(catalog)` to the model, and
+        `connect_urls(user_id, catalog)` (or `connections_needed(catalog)`) to the UI.
+
+        Raises (the same exceptions `call` raises for the same codes):
+            ToolCallFailed: an error reply for the whole listing (`invalid_job`, `internal`, ...);
+                a server's own failure is an `unavailable` entry instead, not an exception.
+            CallTimeout: no answer within `timeout` seconds (or `deadline_exceeded`).
+            JobNotDelivered, McpWorkerError, ValueError: as for `call`.
+        """
+        job_id = job_id or str(uuid.uuid4())
+        reply = await self._exchange(
+            job_id,
+            user_id,
+            {"method": TOOLS_LIST},
+            correlation_id_of(job_id, user_id, method=TOOLS_LIST),
+            timeout,
+        )
+        catalog = await self._result_of(reply, user_id, job_id, timeout)
+        for key in ("tools", "unavailable"):
+            if not isinstance(catalog.get(key), list):
+                catalog[key] = []
+        return catalog
+
+    async def _exchange(
+        self, job_id: str, user_id: str, fields: dict[str, Any], correlation_id: str, timeout: float
+    ) -> dict[str, Any]:
+        """Publishes one job, `fields` (the method's part: the tool and its arguments, or the
+        method) in its body beside `job_id`, `user_id` and a `deadline` `timeout` from now, and
+        returns its reply: the one machinery behind `call` and `list_tools`, so confirms,
+        resends after a reconnect and deduplication by `job_id` are the same for every job."""
         if not self._open:
             raise RuntimeError("not connected: use `async with McpWorkerClient(...)` or `await connect()`")
         if self._closing:
             raise McpWorkerError("the client was closed")
-        job_id = job_id or str(uuid.uuid4())
         if job_id in self._pending:
-            raise ValueError(f"a call with job_id {job_id} is already waiting in this client")
-        arguments = arguments or {}
+            raise ValueError(f"a job with job_id {job_id} is already waiting in this client")
         deadline = datetime.now(timezone.utc) + timedelta(seconds=timeout)
         body = {
             "job_id": job_id,
             "user_id": user_id,
-            "tool": tool,
-            "arguments": arguments,
+            **fields,
             "deadline": deadline.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         }
         job = _Job(
             job_id=job_id,
-            correlation_id=correlation_id_of(job_id, user_id, tool, arguments),
+            correlation_id=correlation_id,
             body=json.dumps(body).encode(),
             future=asyncio.get_running_loop().create_future(),
         )
@@ -428,7 +602,7 @@ class McpWorkerClient:
                 del self._pending[job_id]
             if not job.future.done():
                 job.future.cancel()
-        return await self._result_of(job.future.result(), user_id, job_id, timeout)
+        return job.future.result()
 
     async def _deliver(self, job: _Job) -> None:
         """Publishes `job` and waits for its reply, publishing it again on the next connection
@@ -631,8 +805,22 @@ class McpWorkerClient:
         if response.status_code != 204:
             raise McpWorkerError(f"confirm answered {response.status_code}: {response.text[:200]}")
 
+    async def connect_urls(self, user_id: str, catalog: dict[str, Any]) -> dict[str, str]:
+        """A fresh authorize URL for each provider `user_id` must connect before the catalog's
+        unavailable servers can be listed (`connections_needed(catalog)`), by provider: one URL
+        per provider, however many of its servers are unavailable. Empty when none is needed.
+
+        Each URL starts a flow (`connect_url`), valid for a limited time and once: ask for them
+        when you are about to show them, not for every listing."""
+        urls: dict[str, str] = {}
+        for needed in connections_needed(catalog, default_provider=self._provider):
+            if needed.provider not in urls:
+                urls[needed.provider] = await self.connect_url(user_id, needed.provider)
+        return urls
+
     async def _result_of(self, reply: dict[str, Any], user_id: str, job_id: str, timeout: float) -> dict[str, Any]:
-        """The reply's result, or the typed exception its error code calls for."""
+        """The reply's result, or the typed exception its error code calls for (for a call's
+        reply and a listing's alike)."""
         if reply.get("status") == "ok":
             result = reply.get("result")
             return result if isinstance(result, dict) else {}

@@ -26,6 +26,8 @@ the client's connection (or refuse it) without touching the broker or anyone els
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -33,7 +35,9 @@ import socket
 import sys
 import time
 import unittest
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,8 +55,10 @@ sys.path.insert(0, str(HERE))
 
 import mcp_worker_client  # noqa: E402  (after the path set-up above)
 from mcp_worker_client import (  # noqa: E402
+    DESTRUCTIVE_NOTE,
     BrokerUnavailable,
     CallTimeout,
+    ConnectionNeeded,
     JobNotDelivered,
     McpWorkerClient,
     McpWorkerError,
@@ -60,6 +66,9 @@ from mcp_worker_client import (  # noqa: E402
     Forbidden,
     ReauthRequired,
     ToolCallFailed,
+    connections_needed,
+    correlation_id_of,
+    function_tools,
     redact,
 )
 
@@ -113,6 +122,38 @@ def text_of(result: dict[str, Any]) -> str:
     return str(content[0]["text"])
 
 
+def token_tool_name(token: str) -> str:
+    """The tool tests/mcp_server/server.py lists only to the holder of `token`."""
+    return "qlik_for_" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:8]
+
+
+def routed(catalog: dict[str, Any]) -> list[tuple[str, str]]:
+    """The catalog's (tool name, server) pairs, sorted: a name listed under two servers shows twice."""
+    return sorted((str(tool["name"]), str(tool["server"])) for tool in catalog["tools"])
+
+
+def http_catalog(user_id: str, *, key: str | None = None) -> tuple[int, Any]:
+    """`GET /v1/tools?user_id=…` on the worker's API (blocking; run it in a thread): status and
+    JSON body. `key` defaults to the service key; `""` sends no Authorization."""
+    key = setting("MCP_CLIENT_SERVICE_KEY") if key is None else key
+    url = f"{setting('MCP_CLIENT_API_URL').rstrip('/')}/v1/tools?" + urllib.parse.urlencode({"user_id": user_id})
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except ValueError:
+            return error.code, body.decode("utf-8", "replace")
+
+
+#: What the worker under test routes to its server `plain` (and `qlik_*` to `qlik`; both are
+#: tests/mcp_server/server.py, which also serves `flaky`, routed nowhere).
+PLAIN_TOOLS = ["count_job", "echo", "sleep"]
+
+
 def new_client(**overrides: Any) -> McpWorkerClient:
     settings: dict[str, Any] = {
         "amqp_url": setting("MCP_CLIENT_AMQP_URL"),
@@ -154,6 +195,75 @@ class ClientAgainstTheWorker(unittest.IsolatedAsyncioTestCase):
             setting("MCP_CLIENT_TEST_CONNECTED_TOKEN"),
             "the MCP server received the user's stored token",
         )
+
+    def assert_function_tools_are_well_formed(self, catalog: dict[str, Any]) -> None:
+        """`function_tools` of a real catalog: one entry per tool, each what function calling takes."""
+        functions = function_tools(catalog)
+        self.assertEqual([f["function"]["name"] for f in functions], [t["name"] for t in catalog["tools"]])
+        for entry in functions:
+            self.assertEqual(set(entry), {"type", "function"}, entry)
+            self.assertEqual(entry["type"], "function")
+            function = entry["function"]
+            self.assertEqual(set(function), {"name", "description", "parameters"}, function)
+            self.assertTrue(isinstance(function["name"], str) and function["name"], function)
+            self.assertTrue(isinstance(function["description"], str) and function["description"], function)
+            self.assertEqual(function["parameters"].get("type"), "object", function)
+            self.assertIsInstance(function["parameters"].get("properties"), dict, function)
+        json.dumps(functions)  # plain JSON, ready to send
+
+    async def test_a_connected_users_catalog_lists_both_servers_tools_and_nothing_unavailable(self) -> None:
+        user = setting("MCP_CLIENT_TEST_CONNECTED_USER")
+        mine = token_tool_name(setting("MCP_CLIENT_TEST_CONNECTED_TOKEN"))
+        catalog = await self.client.list_tools(user, timeout=30)
+        self.assertEqual(catalog["unavailable"], [], catalog)
+        pairs = routed(catalog)
+        self.assertEqual(len({name for name, _ in pairs}), len(pairs), f"a tool listed twice: {pairs}")
+        # `qlik` was listed with the user's token: its token-dependent tool is there.
+        for name in ("qlik_whoami", mine):
+            self.assertIn((name, "qlik"), pairs)
+        self.assertEqual(sorted(name for name, server in pairs if server == "plain"), PLAIN_TOOLS)
+        self.assertEqual({server for name, server in pairs if name.startswith("qlik_")}, {"qlik"})
+        self.assertEqual({name for name, server in pairs if server == "qlik"}, {n for n, _ in pairs if n.startswith("qlik_")})
+        self.assertNotIn("echo", {name for name, server in pairs if server == "qlik"}, "echo is plain's, not qlik's")
+        self.assertNotIn("flaky", {name for name, _ in pairs}, "a tool no server is routed for is not listed")
+
+        whoami = next(tool for tool in catalog["tools"] if tool["name"] == "qlik_whoami")
+        self.assertEqual(whoami.get("title"), "Who am I")
+        self.assertEqual(whoami["inputSchema"].get("type"), "object")
+        self.assertIs((whoami.get("annotations") or {}).get("readOnlyHint"), True, whoami)
+        self.assert_function_tools_are_well_formed(catalog)
+
+        # A tool from the catalog is a tool the user can call: the token's own answers "ok".
+        self.assertEqual(text_of(await self.client.call(user, mine, {}, timeout=30)), "ok")
+
+    async def test_a_user_who_never_connected_gets_the_public_tools_and_is_told_to_connect_qlik(self) -> None:
+        user = f"py-lister-{uuid.uuid4().hex[:8]}"
+        catalog = await self.client.list_tools(user, timeout=30)
+        self.assertEqual(routed(catalog), [(name, "plain") for name in PLAIN_TOOLS])
+        self.assertEqual([entry["server"] for entry in catalog["unavailable"]], ["qlik"], catalog)
+        error = catalog["unavailable"][0]["error"]
+        self.assertEqual((error["code"], error.get("provider"), error["retryable"]), ("not_connected", "qlik", False))
+        self.assert_function_tools_are_well_formed(catalog)
+
+        needed = connections_needed(catalog)
+        self.assertEqual([(n.server, n.provider, n.code) for n in needed], [("qlik", "qlik", "not_connected")])
+        urls = await self.client.connect_urls(user, catalog)
+        self.assertEqual(list(urls), ["qlik"])
+        self.assertTrue(urls["qlik"].startswith(setting("MCP_CLIENT_TEST_AUTHORIZE_URL") + "?"), urls)
+
+    async def test_the_http_catalog_lists_what_the_job_lists(self) -> None:
+        for user in (setting("MCP_CLIENT_TEST_CONNECTED_USER"), f"py-lister-{uuid.uuid4().hex[:8]}"):
+            catalog = await self.client.list_tools(user, timeout=30)
+            status, over_http = await asyncio.to_thread(http_catalog, user)
+            self.assertEqual(status, 200, over_http)
+            self.assertEqual(routed(over_http), routed(catalog), user)
+            self.assertEqual(
+                [(e["server"], e["error"]["code"]) for e in over_http["unavailable"]],
+                [(e["server"], e["error"]["code"]) for e in catalog["unavailable"]],
+                user,
+            )
+        status, _ = await asyncio.to_thread(http_catalog, "py-anyone", key="")
+        self.assertEqual(status, 401, "the catalog is an internal endpoint: the service key is required")
 
     async def test_a_tools_own_failure_is_a_result_not_an_exception(self) -> None:
         user = setting("MCP_CLIENT_TEST_CONNECTED_USER")
@@ -666,6 +776,58 @@ class ClusterProtections(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(all(0.05 <= d <= 2 for d in delays), delays)
         self.assertGreater(delays[-1], delays[0])
 
+    # -- the tool catalog
+
+    async def test_a_listing_is_a_tools_list_job_resent_like_a_call_and_never_takes_a_calls_reply(self) -> None:
+        proxy = await self.proxy()
+        client = await self.connected([proxy.url])
+        job_id = str(uuid.uuid4())
+        listing = asyncio.create_task(client.list_tools("u-1", timeout=15, job_id=job_id))
+        first = await self.worker.next_job()
+        body = json.loads(first.body)
+        self.assertEqual(set(body), {"job_id", "user_id", "method", "deadline"}, body)
+        self.assertEqual((body["job_id"], body["user_id"], body["method"]), (job_id, "u-1", "tools/list"))
+        self.assertEqual(first.message_id, job_id)
+        self.assertEqual(first.correlation_id, correlation_id_of(job_id, "u-1", method="tools/list"))
+
+        # A reply to a call that used the same job_id (another correlation_id) is not this listing's.
+        await self.worker.channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps(ok_reply(first, "a call's result")).encode(),
+                content_type="application/json",
+                correlation_id=correlation_id_of(job_id, "u-1", "echo", {}),
+            ),
+            routing_key=first.reply_to,
+        )
+        await eventually(lambda: client.replies_dropped == 1, "the call's reply is dropped")
+        self.assertFalse(listing.done())
+
+        proxy.drop()  # the listing is published again, identically, on the next connection
+        second = await self.worker.next_job()
+        self.assertEqual((second.body, second.correlation_id), (first.body, first.correlation_id))
+        catalog = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}, "server": "plain"}], "unavailable": []}
+        await self.worker.reply(second, {"status": "ok", "job_id": job_id, "result": catalog})
+        self.assertEqual(await listing, catalog)
+        self.assertEqual(client._pending, {})
+
+    async def test_a_listings_error_reply_raises_what_a_calls_would(self) -> None:
+        client = await self.connected([self.url])
+        for code, expected in (("invalid_job", ToolCallFailed), ("internal", ToolCallFailed), ("deadline_exceeded", CallTimeout)):
+            listing = asyncio.create_task(client.list_tools("u-1", timeout=10))
+            job = await self.worker.next_job()
+            error = {"code": code, "message": f"{code} for the test", "retryable": code == "internal"}
+            await self.worker.reply(job, {"status": "error", "job_id": job.message_id, "error": error})
+            with self.assertRaises(expected) as caught:
+                await listing
+            if expected is ToolCallFailed:
+                self.assertEqual((caught.exception.code, caught.exception.retryable), (code, code == "internal"))
+
+        # An ok reply missing a list still gives both lists.
+        listing = asyncio.create_task(client.list_tools("u-1", timeout=10))
+        job = await self.worker.next_job()
+        await self.worker.reply(job, {"status": "ok", "job_id": job.message_id, "result": {"tools": []}})
+        self.assertEqual(await listing, {"tools": [], "unavailable": []})
+
     async def test_a_single_url_is_still_accepted(self) -> None:
         client = McpWorkerClient(amqp_url=self.url, api_url="http://127.0.0.1:9", service_key="k",
                                  jobs_queue=self.worker.queue_name)
@@ -675,6 +837,108 @@ class ClusterProtections(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(ValueError):
             McpWorkerClient(amqp_url=self.url, amqp_urls=[self.url], api_url="x", service_key="k")
 
+
+
+# ---------------------------------------------------------------- catalog helpers (no services)
+
+
+class CatalogHelpers(unittest.TestCase):
+    """The pure helpers on a literal catalog: nothing to connect to, nothing to set."""
+
+    CATALOG: dict[str, Any] = {
+        "tools": [
+            {
+                "name": "qlik_whoami",
+                "title": "Who am I",
+                "description": "Return the token the server received.",
+                "inputSchema": {"type": "object", "properties": {}, "title": "qlik_whoamiArguments"},
+                "annotations": {"readOnlyHint": True, "idempotentHint": True},
+                "server": "qlik",
+            },
+            {"name": "qlik_titled", "title": "Only a title", "inputSchema": {"type": "object"}, "server": "qlik"},
+            {"name": "qlik_bare", "server": "qlik"},
+            {
+                "name": "qlik_delete_note",
+                "description": "Delete the given note.",
+                "inputSchema": {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]},
+                "annotations": {"readOnlyHint": False, "destructiveHint": True},
+                "server": "qlik",
+            },
+            {
+                "name": "count_job",
+                "description": "Return ok.",
+                "inputSchema": {"type": "object", "properties": {"job_id": {"type": "string"}}},
+                "annotations": {"readOnlyHint": False, "destructiveHint": False},
+                "server": "plain",
+            },
+            {"name": "not_an_object", "inputSchema": {"type": "string"}, "server": "plain"},
+            {"name": "count_job", "description": "A second count_job.", "server": "other"},
+        ],
+        "unavailable": [
+            {"server": "qlik", "error": {"code": "not_connected", "message": "m1", "retryable": False, "provider": "qlik"}},
+            {"server": "crm", "error": {"code": "reauth_required", "message": "m2", "retryable": False, "provider": "crm"}},
+            {"server": "crm2", "error": {"code": "reauth_required", "message": "m3", "retryable": False, "provider": "crm"}},
+            {"server": "slow", "error": {"code": "mcp_unavailable", "message": "m4", "retryable": True}},
+            {"server": "nope", "error": {"code": "forbidden", "message": "m5", "retryable": False, "provider": "qlik"}},
+        ],
+    }
+
+    def test_function_tools_turns_a_catalog_into_function_calling_entries(self) -> None:
+        catalog = copy.deepcopy(self.CATALOG)
+        with self.assertLogs("mcp_worker_client", "WARNING") as logged:
+            functions = function_tools(catalog)
+        self.assertIn("not_an_object", "\n".join(logged.output))
+        self.assertEqual(catalog, self.CATALOG, "the catalog is left as it was")
+
+        def entry(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
+            return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+        self.assertEqual(
+            functions,
+            [
+                entry(
+                    "qlik_whoami",
+                    "Return the token the server received.",
+                    {"type": "object", "properties": {}, "title": "qlik_whoamiArguments"},
+                ),
+                entry("qlik_titled", "Only a title", {"type": "object", "properties": {}}),
+                entry("qlik_bare", "qlik_bare", {"type": "object", "properties": {}}),
+                entry(
+                    "qlik_delete_note",
+                    f"Delete the given note.\n\n{DESTRUCTIVE_NOTE}",
+                    {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]},
+                ),
+                entry("count_job", "Return ok.", {"type": "object", "properties": {"job_id": {"type": "string"}}}),
+            ],
+        )
+        functions[0]["function"]["parameters"]["properties"]["x"] = {}
+        self.assertEqual(catalog, self.CATALOG, "the entries' schemas are copies")
+
+        quiet = function_tools({"tools": [self.CATALOG["tools"][3]]}, destructive_note=None)
+        self.assertEqual(quiet[0]["function"]["description"], "Delete the given note.")
+        self.assertEqual(function_tools({}), [])
+        self.assertEqual(function_tools({"tools": [], "unavailable": []}), [])
+
+    def test_connections_needed_names_the_servers_only_connecting_fixes(self) -> None:
+        self.assertEqual(
+            connections_needed(self.CATALOG),
+            [
+                ConnectionNeeded(server="qlik", provider="qlik", code="not_connected", message="m1"),
+                ConnectionNeeded(server="crm", provider="crm", code="reauth_required", message="m2"),
+                ConnectionNeeded(server="crm2", provider="crm", code="reauth_required", message="m3"),
+            ],
+        )
+        no_provider = {"unavailable": [{"server": "s", "error": {"code": "not_connected", "message": ""}}]}
+        self.assertEqual([n.provider for n in connections_needed(no_provider, default_provider="qlik")], ["qlik"])
+        self.assertEqual(connections_needed({"tools": [], "unavailable": []}), [])
+
+    def test_a_listing_and_a_call_sharing_a_job_id_have_different_correlation_ids(self) -> None:
+        listing = correlation_id_of("j-1", "u-1", method="tools/list")
+        self.assertEqual(listing, correlation_id_of("j-1", "u-1", method="tools/list"), "stable across copies")
+        self.assertNotEqual(listing, correlation_id_of("j-1", "u-1", "echo", {}))
+        self.assertNotEqual(listing, correlation_id_of("j-1", "u-1", None, None), "the method is in the digest")
+        self.assertNotEqual(listing, correlation_id_of("j-1", "u-2", method="tools/list"))
+        self.assertEqual(correlation_id_of("j-1", "u-1", "echo", {"a": 1, "b": 2}), correlation_id_of("j-1", "u-1", "echo", {"b": 2, "a": 1}))
 
 
 if __name__ == "__main__":
