@@ -186,7 +186,7 @@ impl Metrics {
         );
         registry.register(
             "catalog_cache",
-            "Tool lists a catalog request needed, by result (hit: served from the cache; miss: listed, or joined a listing under way)",
+            "Tool lists a catalog request needed, by result (hit: served from the cache, or by a listing another request had under way; miss: listed)",
             metrics.catalog_cache.clone(),
         );
         registry.register(

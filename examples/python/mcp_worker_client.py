@@ -218,6 +218,9 @@ def correlation_id_of(
 #: The error codes in a catalog's `unavailable` that only the user can clear, by connecting.
 CONNECT_CODES = ("not_connected", "reauth_required")
 
+#: A name function calling accepts (OpenAI's rule, which the other APIs share or exceed).
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 #: Appended to the description of a tool whose server says it is destructive (see `function_tools`).
 DESTRUCTIVE_NOTE = "This tool may delete or overwrite data: ask the user to confirm before calling it."
 
@@ -251,6 +254,11 @@ def function_tools(catalog: dict[str, Any], *, destructive_note: str | None = DE
     for tool in catalog.get("tools") or []:
         name = tool.get("name") if isinstance(tool, dict) else None
         if not isinstance(name, str) or not name or name in seen:
+            continue
+        # Function-calling APIs take names of letters, digits, `_` and `-`, at most 64: one tool
+        # outside that (a server's name may be anything) would make the model refuse them all.
+        if not FUNCTION_NAME.fullmatch(name):
+            log.warning("tool %.80r: not a name function calling takes; left out", name)
             continue
         schema = tool.get("inputSchema")
         if schema is None:

@@ -872,6 +872,8 @@ class CatalogHelpers(unittest.TestCase):
                 "server": "plain",
             },
             {"name": "not_an_object", "inputSchema": {"type": "string"}, "server": "plain"},
+            {"name": "qlik has spaces", "inputSchema": {"type": "object"}, "server": "qlik"},
+            {"name": "qlik_" + "x" * 60, "inputSchema": {"type": "object"}, "server": "qlik"},
             {"name": "count_job", "description": "A second count_job.", "server": "other"},
         ],
         "unavailable": [
@@ -888,6 +890,7 @@ class CatalogHelpers(unittest.TestCase):
         with self.assertLogs("mcp_worker_client", "WARNING") as logged:
             functions = function_tools(catalog)
         self.assertIn("not_an_object", "\n".join(logged.output))
+        self.assertIn("qlik has spaces", "\n".join(logged.output), "a name function calling refuses is left out")
         self.assertEqual(catalog, self.CATALOG, "the catalog is left as it was")
 
         def entry(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,17 @@ impl Expiry<Key, Arc<Listing>> for ListingTtl {
     fn expire_after_create(&self, _key: &Key, listing: &Arc<Listing>, _created_at: Instant) -> Option<Duration> {
         Some(listing.ttl)
     }
+
+    /// A list stored again over a live one lives its own TTL, not what is left of the old one's.
+    fn expire_after_update(
+        &self,
+        _key: &Key,
+        listing: &Arc<Listing>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(listing.ttl)
+    }
 }
 
 pub(super) struct ListCache {
@@ -106,7 +117,8 @@ impl ListCache {
     }
 
     /// The list under `key`, or the one `list` makes, stored unless it failed. Callers that miss
-    /// the same key at once share one `list`. The `bool` says whether the list was found.
+    /// the same key at once share one `list`. The `bool` says whether this caller did not list:
+    /// the list was cached, or another caller's listing under way served it too.
     pub(super) async fn get_or_list(
         &self,
         key: Key,
@@ -126,8 +138,12 @@ impl ListCache {
         self.lists.insert(Key::Shared { server: server.to_owned() }, listing).await;
     }
 
-    /// The user's tokens changed: their lists are not found again.
+    /// The user's tokens changed: their lists are not found again. An id no user can have (an
+    /// event's, from outside) names nobody, and is not kept.
     pub(super) fn forget(&self, provider: Provider, user: &str) {
+        if !crate::job::usable_id(user) {
+            return;
+        }
         let mut generations = self.generations();
         generations.last = generations.last.saturating_add(1);
         let generation = generations.last;

@@ -25,9 +25,10 @@ use chrono::Utc;
 use serde_json::{Map, Value};
 
 use crate::early_refresh::EarlyRefresh;
+use crate::mcp::McpCallError;
 use crate::mcp::McpClients;
 use crate::metrics::Metrics;
-use crate::once::OncePer;
+use crate::once::{OncePer, OncePerWindow};
 use crate::provider::Provider;
 use crate::registry::{AuthSpec, CredentialHeader, Registry, ServerSpec};
 use crate::store::{StoreError, TokenStatus, TokenStores};
@@ -37,6 +38,9 @@ use cache::{Key, ListCache, Listing};
 use rules::{TokenSeen, Unlisted};
 use wire::{CatalogTool, Unavailable};
 pub(crate) use wire::{ToolCatalog, ToolHints};
+
+/// The least time between two requests to renew one user's token.
+const REFRESH_ASK_EVERY: Duration = Duration::from_secs(30);
 
 /// The bounds and defaults of the catalog (`[catalog]`).
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +76,8 @@ pub(crate) struct Catalog {
     config: CatalogConfig,
     /// Tools left out that were already logged, by server and name.
     left_out: OncePer,
+    /// Users for whom a renewal was asked lately.
+    asked: OncePerWindow,
     metrics: Arc<Metrics>,
 }
 
@@ -88,7 +94,8 @@ impl Catalog {
     pub(crate) fn new(config: CatalogConfig, peers: CatalogPeers) -> Self {
         let CatalogPeers { registry, mcp, tokens, early_refresh, metrics } = peers;
         let cache = ListCache::new(config.max_cache_bytes, config.max_cache_entries);
-        Self { registry, mcp, tokens, early_refresh, cache, config, left_out: OncePer::new(10_000), metrics }
+        let (left_out, asked) = (OncePer::new(10_000), OncePerWindow::new(10_000, REFRESH_ASK_EVERY));
+        Self { registry, mcp, tokens, early_refresh, cache, config, left_out, asked, metrics }
     }
 
     /// Whether per-user lists are kept, and so need the token events (see [`crate::token_events`]).
@@ -138,12 +145,16 @@ impl Catalog {
     ) -> Result<Arc<Listing>, Arc<Unlisted>> {
         let shared = Key::Shared { server: server.name.clone() };
         let Some(auth) = &server.auth else { return self.cached(server, shared, None, budget).await };
+        // The user's generation is taken before the token is read: a token event in between
+        // moves the user on, and the list made with the token read here is then stored under
+        // the old key, where nobody looks.
+        let key = self.cache.user_key(&server.name, auth.provider, user_id);
         // Read every time, even when a list is cached: whether the user may be listed at all
         // follows their token as it is now, not as it was when the list was made.
         let (seen, credential) = self.read_token(auth, user_id).await;
         let min_remaining = budget.timeout.saturating_add(self.config.clock_skew);
         if let Err(unlisted) = rules::token_use(auth.provider, seen, Utc::now(), min_remaining) {
-            self.ask_refresh(auth.provider, user_id, &unlisted).await;
+            self.ask_refresh(auth.provider, user_id, &unlisted);
             return Err(Arc::new(unlisted));
         }
         let credential = credential.expect("a token that may be used can be sent");
@@ -152,7 +163,7 @@ impl Catalog {
             self.metrics.catalog_cache(true);
             return Ok(listing);
         }
-        match self.cache.user_key(&server.name, auth.provider, user_id) {
+        match key {
             Some(key) => self.cached(server, key, Some(lister), budget).await,
             // Events may be missed: nothing per user is used or kept until they flow again.
             None => {
@@ -172,7 +183,14 @@ impl Catalog {
         budget: CallBudget,
     ) -> Result<Arc<Listing>, Arc<Unlisted>> {
         let per_user = matches!(key, Key::User { .. });
-        let (listed, found) = self.cache.get_or_list(key, self.listed(server, lister.as_ref(), budget)).await;
+        let provider = lister.as_ref().map(|lister| lister.provider);
+        // Bounded by this request's own budget: joining a listing begun by a request with more
+        // time (or a longer deadline) must not keep this one past its own.
+        let listing = self.cache.get_or_list(key, self.listed(server, lister.as_ref(), budget));
+        let Ok((listed, found)) = tokio::time::timeout(budget.timeout, listing).await else {
+            let timeout = McpCallError::Timeout { server: server.name.clone(), after: budget.timeout };
+            return Err(Arc::new(rules::unlisted_by(&timeout, provider, budget, Utc::now())));
+        };
         self.metrics.catalog_cache(found);
         if let Ok(listing) = &listed
             && per_user
@@ -204,7 +222,7 @@ impl Catalog {
                 self.metrics.catalog_list(&server.name, unlisted.error.code.as_str(), started.elapsed());
                 tracing::warn!(server = %server.name, error = %e, "could not list the server's tools");
                 if let Some(lister) = lister {
-                    self.ask_refresh(lister.provider, lister.user_id, &unlisted).await;
+                    self.ask_refresh(lister.provider, lister.user_id, &unlisted);
                 }
                 return Err(unlisted);
             }
@@ -218,8 +236,12 @@ impl Catalog {
     /// The tool as the catalog answers with it, if `server` serves it: the registry routes its
     /// name there, and it has what a tool needs. What is left out is logged once per tool.
     fn admit(&self, server: &ServerSpec, tool: Map<String, Value>) -> Option<CatalogTool> {
-        let name = tool.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let routed = crate::job::usable_id(&name) && self.registry.route(&name).is_some_and(|s| s.name == server.name);
+        let name = tool.get("name").and_then(Value::as_str).unwrap_or_default();
+        let usable = crate::job::usable_id(name);
+        let routed = usable && self.registry.route(name).is_some_and(|s| s.name == server.name);
+        // A name no job could carry is logged as one, not kept: a server could send many
+        // megabytes of it.
+        let name = if usable { name.to_owned() } else { "(an unusable name)".to_owned() };
         let reason = match CatalogTool::from_listed(&server.name, tool) {
             Some(tool) if routed => return Some(tool),
             Some(_) => "the registry routes its name to another server or to none",
@@ -255,10 +277,16 @@ impl Catalog {
         }
     }
 
-    async fn ask_refresh(&self, provider: Provider, user_id: &str, unlisted: &Unlisted) {
-        if let Some(refresh) = unlisted.refresh {
-            self.early_refresh.ask(provider, user_id, refresh.until, refresh.refused).await;
+    /// Asks the refresher for the renewal `unlisted` calls for, in the background (the answer
+    /// does not wait for the broker) and at most once per user per [`REFRESH_ASK_EVERY`]: a
+    /// server that refuses every token must not turn each catalog request into an OAuth refresh.
+    fn ask_refresh(&self, provider: Provider, user_id: &str, unlisted: &Unlisted) {
+        let Some(refresh) = unlisted.refresh else { return };
+        if !self.asked.first_in_window(&format!("{provider}\0{user_id}"), Instant::now()) {
+            return;
         }
+        let (early_refresh, user_id) = (self.early_refresh.clone(), user_id.to_owned());
+        tokio::spawn(async move { early_refresh.ask(provider, &user_id, refresh.until, refresh.refused).await });
     }
 }
 

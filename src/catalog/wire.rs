@@ -11,7 +11,8 @@ use crate::job::ReplyError;
 /// The tools one user may call, and the servers that could not be listed for them.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ToolCatalog {
-    /// Server by server in configuration order, each server's tools in the order it listed them.
+    /// Server by server in the order of their configured names, each server's tools in the order
+    /// it listed them.
     pub(crate) tools: Vec<CatalogTool>,
     /// The servers whose tools are missing above, with the reason, in the codes of a reply's error.
     pub(crate) unavailable: Vec<Unavailable>,

@@ -104,6 +104,12 @@ impl Account {
         Ok(())
     }
 
+    /// The bytes this account holds now: every answer it read, for as long as it lives.
+    pub(crate) fn held_bytes(&self) -> usize {
+        let held = self.held.lock().expect("the account's lock is never poisoned");
+        held.as_ref().map_or(0, |permit| permit.num_permits())
+    }
+
     /// Whether a reader of this call is waiting for the budget at this moment.
     pub(crate) fn is_waiting(&self) -> bool {
         self.waiting.load(Ordering::SeqCst)

@@ -129,9 +129,13 @@ impl McpClient {
     }
 
     /// Lists the server's tools as `credential` may see them: `tools/list`, then every next page
-    /// its `nextCursor` names, in order, all within `timeout` and together within
-    /// `mcp.max_response_bytes`. rmcp's own `list_tools` is not used: its response cache is
-    /// per session, and one session serves every user, whose lists may differ.
+    /// its `nextCursor` names, in order, all within `timeout`. The pages' answers are held from
+    /// the response budget until the list is built, and together may not pass
+    /// `mcp.max_response_bytes` (checked after each page, so the last may take the listing to
+    /// twice that): a list of many pages holds no more of the budget than one large answer.
+    /// rmcp's own `list_tools` is not used: its response cache is per session, and one session
+    /// serves every user, whose lists may differ. rmcp decodes each page as a whole, so one
+    /// tool of the wrong shape makes the page, and the list, a protocol error.
     #[tracing::instrument(skip_all, fields(server = %self.server))]
     pub async fn list_tools(
         &self,
@@ -141,8 +145,8 @@ impl McpClient {
         let account = self.budget.account(timeout);
         let listing = async {
             let mut list = ToolList { tools: Vec::new(), ttl: None, scope: None };
-            let (mut cursor, mut seen, mut bytes) = (None, HashSet::new(), 0usize);
-            for _ in 0..MAX_PAGES {
+            let (mut cursor, mut seen) = (None, HashSet::new());
+            for index in 0..MAX_PAGES {
                 let params = PaginatedRequestParams::default().with_cursor(cursor.take());
                 let request = ListToolsRequest {
                     method: Default::default(),
@@ -154,24 +158,24 @@ impl McpClient {
                         ServerResult::ListToolsResult(page) => page,
                         other => return Err(self.unexpected("tools/list", &other)),
                     };
-                list.merge_hints(page.ttl_ms, page.cache_scope);
+                if account.held_bytes() > self.http.max_response_bytes {
+                    return Err(self.protocol(&format!(
+                        "the tool list is larger than mcp.max_response_bytes ({} bytes)",
+                        self.http.max_response_bytes
+                    )));
+                }
+                list.merge_hints(index, page.ttl_ms, page.cache_scope);
                 for tool in page.tools {
-                    let tool = match serde_json::to_value(tool) {
-                        Ok(Value::Object(tool)) => tool,
+                    match serde_json::to_value(tool) {
+                        Ok(Value::Object(tool)) => list.tools.push(tool),
                         _ => return Err(self.protocol("a tool of tools/list does not serialize as an object")),
-                    };
-                    // Measured as we would send it on: what the catalog holds and answers with.
-                    bytes = bytes.saturating_add(Value::Object(tool.clone()).to_string().len());
-                    if bytes > self.http.max_response_bytes {
-                        return Err(self.protocol(&format!(
-                            "the tool list is larger than mcp.max_response_bytes ({} bytes)",
-                            self.http.max_response_bytes
-                        )));
                     }
-                    list.tools.push(tool);
                 }
                 match page.next_cursor {
                     None => return Ok(list),
+                    Some(next) if next.len() > MAX_CURSOR_BYTES => {
+                        return Err(self.protocol(&format!("tools/list named a cursor over {MAX_CURSOR_BYTES} bytes")));
+                    }
                     // A cursor seen before would list the same pages again, for ever.
                     Some(next) if !seen.insert(next.clone()) => {
                         return Err(self.protocol("tools/list named a cursor it had named before"));
@@ -352,6 +356,9 @@ fn result_kind(result: &ServerResult) -> &'static str {
 /// The most pages of one tool list followed: more is a server that never ends its list.
 const MAX_PAGES: usize = 100;
 
+/// The longest cursor followed: an opaque position, not a payload (the ones seen are kept).
+const MAX_CURSOR_BYTES: usize = 1024;
+
 /// Who may reuse a tool list, as the server said (`cacheScope`, protocol 2026-07-28).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListScope {
@@ -368,26 +375,49 @@ pub struct ToolList {
     pub tools: Vec<Map<String, Value>>,
     /// The shortest `ttlMs` of its pages, when any page carried one.
     pub ttl: Option<Duration>,
-    /// `Public` only when every page that carried a `cacheScope` said public; `None` when none did.
+    /// `Public` only when every page said public; `None` when none said anything.
     pub scope: Option<ListScope>,
 }
 
 impl ToolList {
-    /// Folds one page's hints in: the list is as fresh as its stalest page, and as shareable as
-    /// its least shareable one.
-    fn merge_hints(&mut self, ttl_ms: Option<u64>, scope: Option<CacheScope>) {
+    /// Folds page `index`'s hints in: the list is as fresh as its stalest page, and public only
+    /// if every page says so (a page that says nothing is not a page that said public).
+    fn merge_hints(&mut self, index: usize, ttl_ms: Option<u64>, scope: Option<CacheScope>) {
         if let Some(ms) = ttl_ms {
             let ttl = Duration::from_millis(ms);
             self.ttl = Some(self.ttl.map_or(ttl, |known| known.min(ttl)));
         }
-        let scope = scope.map(|scope| match scope {
-            CacheScope::Public => ListScope::Public,
-            _ => ListScope::Private,
-        });
-        self.scope = match (self.scope, scope) {
-            (Some(ListScope::Private), _) | (_, Some(ListScope::Private)) => Some(ListScope::Private),
-            (known, None) => known,
-            (_, Some(ListScope::Public)) => Some(ListScope::Public),
+        let public = matches!(scope, Some(CacheScope::Public));
+        self.scope = match (index, self.scope, scope) {
+            (0, _, None) | (_, None, None) => None,
+            (0, _, Some(_)) if public => Some(ListScope::Public),
+            (_, Some(ListScope::Public), _) if public => Some(ListScope::Public),
+            _ => Some(ListScope::Private),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folded(pages: &[Option<CacheScope>]) -> Option<ListScope> {
+        let mut list = ToolList { tools: Vec::new(), ttl: None, scope: None };
+        for (index, scope) in pages.iter().enumerate() {
+            list.merge_hints(index, Some(1000 - index as u64), *scope);
+        }
+        assert_eq!(list.ttl, Some(Duration::from_millis(1001 - pages.len() as u64)), "the shortest ttlMs");
+        list.scope
+    }
+
+    #[test]
+    fn a_list_is_public_only_if_every_page_says_so() {
+        use CacheScope::{Private, Public};
+        assert_eq!(folded(&[Some(Public), Some(Public)]), Some(ListScope::Public));
+        assert_eq!(folded(&[Some(Public), None]), Some(ListScope::Private), "a silent page vetoes");
+        assert_eq!(folded(&[None, Some(Public)]), Some(ListScope::Private));
+        assert_eq!(folded(&[Some(Public), Some(Private)]), Some(ListScope::Private));
+        assert_eq!(folded(&[Some(Private), Some(Public)]), Some(ListScope::Private));
+        assert_eq!(folded(&[None, None]), None, "nothing said: the worker's own rule");
     }
 }

@@ -69,7 +69,9 @@ fn lists_with(server: &McpServer, token: Option<&str>) -> usize {
 
 async fn each_user_gets_their_own_catalog_over_amqp_and_http(flavor: Flavor) {
     let server = McpServer::spawn(flavor).await;
-    let app = spawn_app(&server.url()).await;
+    // `plain` at the same server under a query of its own, so the log tells the two apart.
+    let plain = json!({ "url": format!("{}?as=plain", server.url()), "tools": ["echo", "sleep", "count_job"] });
+    let app = spawn_app_with(&server.url(), &[("mcp.servers.plain", plain)]).await;
     app.store_token("alice", "tok-alice").await;
     app.store_token("bob", "tok-bob").await;
 
@@ -105,14 +107,18 @@ async fn each_user_gets_their_own_catalog_over_amqp_and_http(flavor: Flavor) {
     );
     assert_eq!(listed_over_amqp(&app, "carol").await, carol);
 
-    // No request carried a token but a listing or a call, and each only its own user's.
+    // No request carried a token but a listing or a call to `qlik`, and each only its own
+    // user's; `plain`, which takes none, got none, in no header.
     let requests = server.requests();
     for request in &requests {
         if let Some(token) = &request.x_qlik_access_token {
             assert!(matches!(request.mcp_method.as_deref(), Some("tools/list" | "tools/call")), "{request:?}");
             assert!(token == "tok-alice" || token == "tok-bob", "{request:?}");
+            assert_ne!(request.query, "as=plain", "a token went to the public server: {request:?}");
         }
+        assert!(request.authorization.is_none(), "{request:?}");
     }
+    assert!(requests.iter().any(|r| r.query == "as=plain" && r.mcp_method.as_deref() == Some("tools/list")));
     for token in ["tok-alice", "tok-bob"] {
         assert!(lists_with(&server, Some(token)) >= 1, "{token} was listed with");
     }

@@ -236,6 +236,7 @@ async fn hostile_tool_lists_are_cut_off_and_the_other_servers_are_still_listed()
             "/good" => tool_page(id, json!([tool("echo", "fine")]), None),
             "/endless" => tool_page(id, json!([tool("endless_tool", "again")]), Some(format!("c{}", page + 1))),
             "/repeat" => tool_page(id, json!([tool("repeat_tool", "again")]), Some("c1".into())),
+            "/long" => tool_page(id, json!([tool("long_tool", "again")]), Some("c".repeat(2000))),
             "/huge" => tool_page(id, json!([tool("huge_tool", &"x".repeat(20_000))]), Some(format!("c{}", page + 1))),
             _ => redirect(307, &target),
         }
@@ -247,6 +248,7 @@ async fn hostile_tool_lists_are_cut_off_and_the_other_servers_are_still_listed()
         ("mcp.servers.endless", json!({ "url": at("/endless"), "tool_prefix": "endless_" })),
         ("mcp.servers.repeat", json!({ "url": at("/repeat"), "tool_prefix": "repeat_" })),
         ("mcp.servers.huge", json!({ "url": at("/huge"), "tool_prefix": "huge_" })),
+        ("mcp.servers.long", json!({ "url": at("/long"), "tool_prefix": "long_" })),
         ("mcp.max_response_bytes", json!(65_536)),
     ];
     let app = spawn_app_with(&at("/redirect"), &overrides).await;
@@ -270,17 +272,18 @@ async fn hostile_tool_lists_are_cut_off_and_the_other_servers_are_still_listed()
             )
         })
         .collect();
-    assert_eq!(reasons.len(), 4, "{catalog:#}");
+    assert_eq!(reasons.len(), 5, "{catalog:#}");
     assert!(reasons.values().all(|(code, _)| *code == "mcp_protocol_error"), "{catalog:#}");
     assert!(reasons["endless"].1.contains("after 100 pages"), "{catalog:#}");
     assert!(reasons["repeat"].1.contains("cursor it had named before"), "{catalog:#}");
     assert!(reasons["huge"].1.contains("larger than mcp.max_response_bytes"), "{catalog:#}");
+    assert!(reasons["long"].1.contains("a cursor over 1024 bytes"), "{catalog:#}");
     assert!(reasons["qlik"].1.contains("redirects are not followed"), "{catalog:#}");
 
     let lists = |path: &str| {
         server.received().into_iter().filter(|r| r.uri.path() == path && r.text().contains("tools/list")).count()
     };
-    assert_eq!((lists("/endless"), lists("/repeat"), lists("/huge")), (100, 2, 4), "bounded, and no more");
+    assert_eq!((lists("/endless"), lists("/repeat"), lists("/huge"), lists("/long")), (100, 2, 4, 1), "bounded");
     assert!(elsewhere.received().is_empty(), "the redirect's target received {:?}", elsewhere.received());
     let redirected: Vec<_> = server.received().into_iter().filter(|r| r.uri.path() == "/redirect").collect();
     assert!(redirected.iter().any(|r| r.text().contains("hostile-list-token") && r.text().contains("tools/list")));

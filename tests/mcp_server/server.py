@@ -433,6 +433,7 @@ class RequestLogMiddleware:
         record = {
             "method": scope["method"],
             "path": scope.get("path"),
+            "query": scope.get("query_string", b"").decode("latin-1"),
             "x_qlik_access_token": headers.get("x-qlik-access-token"),
             "authorization": headers.get("authorization"),
             "accept": headers.get("accept"),

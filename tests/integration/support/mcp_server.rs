@@ -41,7 +41,11 @@ impl Flavor {
 pub struct LoggedRequest {
     pub method: String,
     pub path: String,
+    /// The URL's query string, empty when there is none.
+    #[serde(default)]
+    pub query: String,
     pub x_qlik_access_token: Option<String>,
+    pub authorization: Option<String>,
     pub accept: Option<String>,
     pub mcp_method: Option<String>,
     pub tool: Option<String>,
