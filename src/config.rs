@@ -269,6 +269,16 @@ pub struct McpServerSettings {
     pub(crate) tool_prefix: Option<String>,
     pub tools: Option<Vec<String>>,
     pub auth: Option<AuthSettings>,
+    /// Whether this server's tool annotations (`readOnlyHint`, `idempotentHint`) may relax a
+    /// call's guarantee to at-least-once; off unless the operator says so.
+    #[serde(default)]
+    pub trust_annotations: bool,
+    /// Tools that keep exactly-once whatever their annotations say.
+    #[serde(default)]
+    pub exactly_once_tools: Vec<String>,
+    /// Speak HTTP/2 without TLS (h2c) from the first byte; for an `http://` server known to.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,6 +26,12 @@ pub(crate) struct ServerSpec {
     pub(crate) url: String,
     pub(crate) tools: ToolSelector,
     pub(crate) auth: Option<AuthSpec>,
+    /// Whether the server's tool annotations decide a call's guarantee (`trust_annotations`).
+    pub(crate) trust_annotations: bool,
+    /// Tools that keep exactly-once whatever their annotations say (`exactly_once_tools`).
+    pub(crate) exactly_once: BTreeSet<String>,
+    /// Speak HTTP/2 to it without TLS from the first byte (`http2_prior_knowledge`).
+    pub(crate) http2_prior_knowledge: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +159,19 @@ fn server_spec(name: &str, server: &McpServerSettings) -> Result<ServerSpec, Con
             Some(AuthSpec { provider: auth.provider, header, prefix: prefix.to_owned(), suffix: suffix.to_owned() })
         }
     };
-    Ok(ServerSpec { name: name.to_owned(), url: server.url.clone(), tools, auth })
+    let exactly_once: BTreeSet<String> = server.exactly_once_tools.iter().cloned().collect();
+    if let Some(stray) = exactly_once.iter().find(|tool| !tools.matches(tool)) {
+        return Err(invalid("exactly_once_tools", &format!("names `{stray}`, a tool this server does not serve")));
+    }
+    Ok(ServerSpec {
+        name: name.to_owned(),
+        url: server.url.clone(),
+        tools,
+        auth,
+        trust_annotations: server.trust_annotations,
+        exactly_once,
+        http2_prior_knowledge: server.http2_prior_knowledge,
+    })
 }
 
 #[cfg(test)]
@@ -167,6 +185,9 @@ mod tests {
             tool_prefix: prefix.map(Into::into),
             tools: tools.map(|t| t.iter().map(|s| s.to_string()).collect()),
             auth: None,
+            trust_annotations: false,
+            exactly_once_tools: Vec::new(),
+            http2_prior_knowledge: false,
         }
     }
 
@@ -225,6 +246,18 @@ mod tests {
         assert!(header.value.is_sensitive());
         assert!(!format!("{header:?}").contains("abc"));
         assert!(auth.credential(&Secret::new("a\nb".to_owned())).is_err());
+    }
+
+    #[test]
+    fn exactly_once_tools_must_be_the_servers_own() {
+        let mut s = server(Some("qlik_"), None);
+        s.exactly_once_tools = vec!["qlik_delete".into()];
+        let r = registry(vec![("q", s)]).unwrap();
+        assert!(r.route("qlik_delete").unwrap().exactly_once.contains("qlik_delete"));
+        let mut stray = server(Some("qlik_"), None);
+        stray.exactly_once_tools = vec!["echo".into()];
+        let err = registry(vec![("q", stray)]).unwrap_err().to_string();
+        assert!(err.contains("mcp.servers.q.exactly_once_tools") && err.contains("`echo`"), "{err}");
     }
 
     #[test]

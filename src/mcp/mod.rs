@@ -5,7 +5,8 @@
 //! header for that one request (see [`credential`]). rmcp negotiates the protocol: it tries the
 //! modern `server/discover` (2026-07-28) and falls back to `initialize` for older servers, parses
 //! JSON and SSE responses, and re-initializes a stateful server's expired session. The HTTP
-//! client follows no redirect, sends a token only to its server's configured origin, and reads
+//! client follows no redirect, speaks HTTP/2 where the server offers it (ALPN, or h2c when
+//! configured), sends a token only to its server's configured origin, and reads
 //! every answer within `mcp.max_response_bytes` and the process-wide `mcp.response_budget_bytes`
 //! ([`budget`]).
 
@@ -58,13 +59,20 @@ impl McpClients {
     /// Creates the clients; none connects until its first call.
     pub fn new(registry: &Registry, limits: &McpLimits, metrics: Arc<Metrics>) -> Result<Self, McpCallError> {
         // Follows no redirect (see `outbound`): a 3xx is an error, the token stays where it was.
-        let http = crate::outbound::client_builder()
-            .connect_timeout(limits.connect_timeout)
-            .build()
-            .map_err(|e| McpCallError::Unavailable { server: String::new(), detail: e.to_string() })?;
+        // HTTP/2 where the server offers it in TLS (ALPN); one without TLS (h2c) only when
+        // configured (`http2_prior_knowledge`), on a pool of its own, since prior knowledge is
+        // a property of the whole client. Many calls in flight then share one connection
+        // instead of holding one each.
+        let build = |h2c: bool| {
+            let builder = crate::outbound::client_builder().connect_timeout(limits.connect_timeout);
+            let builder = if h2c { builder.http2_prior_knowledge() } else { builder };
+            builder.build().map_err(|e| McpCallError::Unavailable { server: String::new(), detail: e.to_string() })
+        };
+        let (http1, h2c) = (build(false)?, build(true)?);
         let budget = budget::ResponseBudget::new(limits.response_budget_bytes, metrics);
         let mut clients = HashMap::new();
         for server in registry.servers() {
+            let http = if server.http2_prior_knowledge { &h2c } else { &http1 };
             let url = reqwest::Url::parse(&server.url).map_err(|e| McpCallError::Unavailable {
                 server: server.name.clone(),
                 detail: format!("the configured URL does not parse: {e}"),

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::WorkerConfig;
 use super::envelope::Envelope;
-use super::policy::{self, CallBudget, TokenVerdict};
+use super::policy::{self, CallBudget, Guarantee, TokenVerdict};
 use crate::dates;
 use crate::job::{ErrorCode, InvalidJob, Job, Reply};
 use crate::mcp::McpCallError;
@@ -64,6 +64,15 @@ pub(super) struct Facts {
     pub(crate) call_result: Option<CallFacts>,
     /// For a `tools/list` job, the catalog once listed (as the reply's `result`).
     pub(crate) catalog: Option<Value>,
+    /// Whether the call is claimed and its reply recorded ([`Guarantee::ExactlyOnce`]).
+    pub(crate) guarantee: Guarantee,
+}
+
+impl Facts {
+    /// The claim a delayed copy takes back: this delivery's, when the call is claimed at all.
+    fn held_claim(&self) -> Option<String> {
+        (self.guarantee == Guarantee::ExactlyOnce).then(|| self.owner.clone())
+    }
 }
 
 /// The next thing to do with a delivery.
@@ -103,8 +112,8 @@ pub(super) enum Disposition {
     /// The job already ran: publish its stored reply again, then ack.
     Replay { to: ReplyTarget, body: Vec<u8> },
     /// The MCP server was unavailable: put the job in the `level`-th retry queue, then ack; it runs
-    /// again after that queue's delay, taking back its `claim`.
-    Retry { level: usize, claim: String },
+    /// again after that queue's delay, taking back its `claim` (an exactly-once call's).
+    Retry { level: usize, claim: Option<String> },
     /// Another consumer is running this job id, or the database is unreachable: put the job in the
     /// delay queue (not counted as a deferral) carrying `waits`, then ack; it comes back later,
     /// with the claim this delivery may hold.
@@ -115,7 +124,7 @@ pub(super) enum Disposition {
     /// Put the job in the delay queue (its `deferrals`-th wait), then ack; it comes back when
     /// the refresher has had time to renew the user's token, and takes back its `claim` (and
     /// `refused_version`, when the MCP server refused that version of the token).
-    Defer { deferrals: u32, refresh: RefreshNeeded, claim: String, refused_version: Option<i64> },
+    Defer { deferrals: u32, refresh: RefreshNeeded, claim: Option<String>, refused_version: Option<i64> },
     /// The MCP server refused the user's token again after it was renewed: mark `token`
     /// `reauth_required` (with the event), then publish `reply` (recorded first) and ack.
     Reauth { to: ReplyTarget, reply: Reply, record: Option<Record>, token: RefusedToken },
@@ -250,7 +259,10 @@ pub(super) fn next_listing(job: &Job, facts: &mut Facts, config: &WorkerConfig, 
 /// the job with the tool's result, it takes that result out of `facts`.
 pub(super) fn next(job: &Job, facts: &mut Facts, config: &WorkerConfig, now: DateTime<Utc>) -> Step {
     let Some(to) = reply_target(job, &facts.envelope) else { return unanswerable(job) };
-    let record = Some(Record {
+    // A call that may run again (at least once) is neither claimed nor recorded: it costs no
+    // database write, and a redelivery runs it again.
+    let exactly_once = facts.guarantee == Guarantee::ExactlyOnce;
+    let record = exactly_once.then(|| Record {
         job_id: job.job_id.clone(),
         call: facts.call.clone(),
         expires_at: dates::after(now, config.results_ttl),
@@ -259,6 +271,11 @@ pub(super) fn next(job: &Job, facts: &mut Facts, config: &WorkerConfig, now: Dat
     let id = Some(job.job_id.as_str());
 
     match &facts.claim {
+        None if !exactly_once => {
+            if let Some(settle) = over_delivery_limit(job, &facts.envelope, config, &to, None) {
+                return settle;
+            }
+        }
         None => {
             return Step::Claim {
                 lease_until: dates::after(now, config.claim_lease),
@@ -373,7 +390,7 @@ pub(super) fn next(job: &Job, facts: &mut Facts, config: &WorkerConfig, now: Dat
     // The longest of a retry's delays decides whether it fits before the deadline.
     let delays = config.retries.iter().map(|level| level.iter().map(|(_, d)| *d).max().unwrap_or_default());
     match policy::retry_level(reply.error_code(), facts.envelope.retries, delays, now, job.deadline) {
-        Some(level) => Step::Settle(Disposition::Retry { level, claim: facts.owner.clone() }),
+        Some(level) => Step::Settle(Disposition::Retry { level, claim: facts.held_claim() }),
         None => answer(reply),
     }
 }
@@ -414,7 +431,7 @@ fn defer(job: &Job, facts: &Facts, provider: Provider, until: DateTime<Utc>, ref
     Step::Settle(Disposition::Defer {
         deferrals: facts.envelope.deferrals.saturating_add(1),
         refresh,
-        claim: facts.owner.clone(),
+        claim: facts.held_claim(),
         refused_version,
     })
 }
@@ -446,10 +463,9 @@ fn wait_for_database(
 ) -> Step {
     match no_more_waiting(job, &facts.envelope, now, true, config.max_waits) {
         Some(reply) => answer(reply),
-        None => Step::Settle(Disposition::Wait {
-            claim: Some(facts.owner.clone()),
-            waits: facts.envelope.waits.saturating_add(1),
-        }),
+        None => {
+            Step::Settle(Disposition::Wait { claim: facts.held_claim(), waits: facts.envelope.waits.saturating_add(1) })
+        }
     }
 }
 
@@ -515,6 +531,7 @@ mod tests {
             token: None,
             call_result: None,
             catalog: None,
+            guarantee: Guarantee::ExactlyOnce,
         }
     }
 
@@ -603,6 +620,28 @@ mod tests {
         assert!(matches!(
             settle(next_listing(&listing, &mut facts, &config(), at(0))),
             Disposition::DeadLetter { to: None, .. }
+        ));
+    }
+
+    #[test]
+    fn an_at_least_once_call_is_neither_claimed_nor_recorded_nor_carries_a_claim() {
+        let mut facts = facts(Route::Public);
+        facts.guarantee = Guarantee::AtLeastOnce;
+        assert!(matches!(next_at(&job(None), &mut facts, 0), Step::Call { .. }), "no claim step");
+        facts.call_result = Some(CallFacts {
+            outcome: Ok(json!({"content": []})),
+            budget: CallBudget { timeout: Duration::from_secs(30), limited_by_deadline: false },
+        });
+        assert_eq!(answered(next_at(&job(None), &mut facts, 0)), ("ok", false), "not recorded");
+        facts.call_result = Some(CallFacts {
+            outcome: Err(McpCallError::Unavailable { server: "s".into(), detail: "down".into() }),
+            budget: CallBudget { timeout: Duration::from_secs(30), limited_by_deadline: false },
+        });
+        assert!(matches!(settle(next_at(&job(None), &mut facts, 0)), Disposition::Retry { claim: None, .. }));
+        facts.envelope.failed_deliveries = 5;
+        assert!(matches!(
+            settle(next_at(&job(None), &mut facts, 0)),
+            Disposition::DeadLetter { record: None, to: Some(_), .. }
         ));
     }
 
@@ -728,7 +767,7 @@ mod tests {
             Disposition::Defer { deferrals: 2, refresh, claim, refused_version: None } => {
                 assert_eq!(refresh.until, at(60));
                 assert_eq!(refresh.user_id, "alice");
-                assert_eq!(claim, "test/1");
+                assert_eq!(claim.as_deref(), Some("test/1"));
             }
             other => panic!("{other:?}"),
         }
@@ -778,7 +817,7 @@ mod tests {
         retry.call_result = Some(CallFacts { outcome: Err(down()), budget });
         assert!(matches!(
             settle(next_at(&job(None), &mut retry, 0)),
-            Disposition::Retry { level: 0, claim } if claim == "test/1"
+            Disposition::Retry { level: 0, claim: Some(claim) } if claim == "test/1"
         ));
         // The first level's longest delay (2 s) would end at the deadline: answered instead.
         let mut late = ready(QLIK);

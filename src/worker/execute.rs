@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::Worker;
 use super::decision::{self, CallFacts, Disposition, Facts, Route, Step, TokenFacts};
 use super::envelope::Envelope;
-use super::policy::{self, TokenVerdict};
+use super::policy::{self, Guarantee, TokenVerdict};
 use crate::catalog::{ToolHints, Via};
 use crate::job::{self, Job, Method};
 use crate::mcp::{Called, HeldBytes};
@@ -55,6 +55,14 @@ impl Worker {
             .claim
             .clone()
             .unwrap_or_else(|| format!("{}/{}", self.config.owner, uuid::Uuid::new_v4().simple()));
+        // Known before the claim: whether there is one depends on what the tool's annotations say.
+        let hints = match (job.method, server) {
+            (Method::CallTool, Some(server)) => self.catalog.hints(server, &job.user_id, &job.tool).await,
+            _ => None,
+        };
+        let guarantee = server.map_or(Guarantee::ExactlyOnce, |server| {
+            policy::guarantee(hints, server.trust_annotations, server.exactly_once.contains(&job.tool))
+        });
         let mut facts = Facts {
             call: job.fingerprint(),
             owner,
@@ -64,10 +72,11 @@ impl Worker {
             token: None,
             call_result: None,
             catalog: None,
+            guarantee,
         };
         let mut credential = None;
         let mut call_time = Duration::ZERO;
-        let (mut held, mut hints) = (None, None);
+        let mut held = None;
         loop {
             let now = Utc::now();
             let step = match job.method {
@@ -94,13 +103,15 @@ impl Worker {
                     credential = header;
                 }
                 Step::List { budget } => {
+                    // The listing's time counts as the call's: `added_ms` is what the worker adds.
+                    let listed = Instant::now();
                     let catalog = self.catalog.list(&job.user_id, budget, Via::Amqp).await;
+                    call_time = listed.elapsed();
                     facts.catalog = Some(serde_json::to_value(catalog).expect("a catalog holds only strings and JSON"));
                 }
                 Step::Call { budget } => {
                     let server = server.expect("the rules call only a routed tool");
                     let client = self.mcp.get(&server.name).expect("every routed server has a client");
-                    hints = self.catalog.hints(server, &job.user_id, &job.tool).await;
                     let called = Instant::now();
                     // The arguments are not needed after the call: moved, not copied.
                     let arguments = std::mem::take(&mut job.arguments);

@@ -178,11 +178,15 @@ impl Worker {
         let span = tracing::Span::current();
         if let Some(job) = &job {
             span.record("job_id", job.job_id.as_str());
-            span.record("tool", if job.tool.is_empty() { "tools/list" } else { job.tool.as_str() });
+            let tool = match job.method {
+                crate::job::Method::CallTool => job.tool.as_str(),
+                crate::job::Method::ListTools => "tools/list",
+            };
+            span.record("tool", tool);
             span.record("user", self.cipher.pseudonym(&job.user_id));
         }
-        // What the tool's annotations say, when the catalog has its list: logged for now, for
-        // later work to act on.
+        // What the tool's annotations say, when the catalog has its list (they decided whether
+        // the call was claimed: see `policy::guarantee`).
         if let Some(read_only) = hints.and_then(|h| h.read_only) {
             span.record("read_only", read_only);
         }
@@ -227,7 +231,8 @@ impl Worker {
             Disposition::Retry { level, claim } => {
                 let choices = &self.config.retries[*level];
                 let (queue, _) = &choices[rand::random::<usize>() % choices.len()];
-                let carry = Carry { retries: envelope.retries.saturating_add(1), ..Carry::of(&envelope, Some(claim)) };
+                let carry =
+                    Carry { retries: envelope.retries.saturating_add(1), ..Carry::of(&envelope, claim.as_ref()) };
                 self.publisher.republish(queue, delivery, &carry.headers()).await?;
             }
             Disposition::Wait { claim, waits } => {
@@ -254,7 +259,7 @@ impl Worker {
                 let carry = Carry {
                     deferrals: *deferrals,
                     refused_version: *refused_version,
-                    ..Carry::of(&envelope, Some(claim))
+                    ..Carry::of(&envelope, claim.as_ref())
                 };
                 self.publisher.republish(&self.config.delay_queue, delivery, &carry.headers()).await?;
             }

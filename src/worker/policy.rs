@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::catalog::ToolHints;
 use crate::job::ErrorCode;
 use crate::mcp::McpCallError;
 
@@ -88,6 +89,26 @@ pub(crate) fn retry_level(
     }
 }
 
+/// What a tool call promises about running twice for one `job_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guarantee {
+    /// Claimed before the call and its reply recorded: the tool runs once per `job_id`, whatever
+    /// the redeliveries, and a repeat gets the recorded reply.
+    ExactlyOnce,
+    /// Neither claimed nor recorded, so it costs no database write: a redelivered job runs the
+    /// tool again, and is answered again.
+    AtLeastOnce,
+}
+
+/// A call runs at least once only when the operator trusts its server's annotations
+/// (`trusted`), has not named the tool for exactly-once (`forced`), and the user's catalog says
+/// the tool is read-only or idempotent, so that running it again changes nothing. Annotations
+/// not known yet (no catalog cached) keep exactly-once.
+pub(crate) fn guarantee(hints: Option<ToolHints>, trusted: bool, forced: bool) -> Guarantee {
+    let harmless = hints.is_some_and(|h| h.read_only == Some(true) || h.idempotent == Some(true));
+    if trusted && !forced && harmless { Guarantee::AtLeastOnce } else { Guarantee::ExactlyOnce }
+}
+
 /// The reply's error code for a failed call.
 pub(crate) fn error_code(error: &McpCallError, budget: CallBudget) -> ErrorCode {
     match error {
@@ -157,6 +178,19 @@ mod tests {
         assert_eq!(retry_level(Some(ErrorCode::McpProtocolError), 0, delays, at(0), None), None);
         assert_eq!(retry_level(None, 0, delays, at(0), None), None);
         assert_eq!(retry_level(unavailable, 0, [], at(0), None), None);
+    }
+
+    #[test]
+    fn only_a_trusted_read_only_or_idempotent_tool_not_forced_runs_at_least_once() {
+        let hints = |read_only, idempotent| Some(ToolHints { read_only, idempotent, destructive: None });
+        use Guarantee::*;
+        assert_eq!(guarantee(hints(Some(true), None), true, false), AtLeastOnce);
+        assert_eq!(guarantee(hints(Some(false), Some(true)), true, false), AtLeastOnce);
+        assert_eq!(guarantee(hints(Some(true), None), false, false), ExactlyOnce, "annotations not trusted");
+        assert_eq!(guarantee(hints(Some(true), None), true, true), ExactlyOnce, "forced");
+        assert_eq!(guarantee(hints(Some(false), Some(false)), true, false), ExactlyOnce);
+        assert_eq!(guarantee(hints(None, None), true, false), ExactlyOnce, "nothing said");
+        assert_eq!(guarantee(None, true, false), ExactlyOnce, "no catalog cached");
     }
 
     #[test]

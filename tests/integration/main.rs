@@ -6,6 +6,7 @@ mod catalog;
 mod cli;
 mod compose;
 mod connect;
+mod guarantees;
 mod hostile_mcp;
 mod hostile_oauth;
 mod hostile_process;

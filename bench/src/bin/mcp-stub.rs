@@ -5,7 +5,10 @@
 //! `initialize` a minimal result, notifications 202, and every `tools/call` the result
 //! `{"content":[{"type":"text","text":"ok"}]}`, after `?delay_ms=N` milliseconds if the URL has
 //! that query (to keep many calls in flight); with `?result_bytes=N` the text is N bytes long
-//! (large answers, for the memory measurement in `bench/rss`).
+//! (large answers, for the memory measurement in `bench/rss`). `tools/list` lists one tool,
+//! `qlik_bench`, annotated read-only, as shared by every user for an hour (`cacheScope: public`),
+//! so one listing tells a worker its annotations. It speaks HTTP/1.1 and, with prior knowledge,
+//! HTTP/2 (h2c) on the same port.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,6 +46,16 @@ async fn mcp(Query(delay): Query<Delay>, Json(request): Json<Value>) -> Response
             "protocolVersion": "2025-06-18",
             "capabilities": { "tools": {} },
             "serverInfo": { "name": "mcp-stub", "version": "0" },
+        })),
+        "tools/list" => result(json!({
+            "tools": [{
+                "name": "qlik_bench",
+                "description": "Answers ok.",
+                "inputSchema": { "type": "object" },
+                "annotations": { "readOnlyHint": true },
+            }],
+            "ttlMs": 3_600_000,
+            "cacheScope": "public",
         })),
         "tools/call" => {
             if let Some(ms) = delay.delay_ms {
