@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rmcp::RoleClient;
 use rmcp::model::{
     CacheScope, CallToolRequest, CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, GetExtensions,
@@ -215,16 +216,21 @@ impl McpClient {
 
     /// Runs `work` within `timeout`; running out of time while waiting for budget is
     /// [`McpCallError::OverBudget`], otherwise [`McpCallError::Timeout`].
-    async fn within<T>(
-        &self,
+    ///
+    /// Not an `async fn`, for the reason [`crate::panics::caught`] gives: it would hold `work`
+    /// twice, and every call in flight would carry 5 KB more.
+    fn within<'a, T>(
+        &'a self,
         timeout: Duration,
-        account: &Account,
-        work: impl Future<Output = Result<T, McpCallError>>,
-    ) -> Result<T, McpCallError> {
-        tokio::time::timeout(timeout, work).await.map_err(|_| match account.is_waiting() {
-            true => McpCallError::OverBudget { server: self.server.clone() },
-            false => McpCallError::Timeout { server: self.server.clone(), after: timeout },
-        })?
+        account: &'a Account,
+        work: impl Future<Output = Result<T, McpCallError>> + 'a,
+    ) -> impl Future<Output = Result<T, McpCallError>> + 'a {
+        tokio::time::timeout(timeout, work).map(move |finished| {
+            finished.map_err(|_| match account.is_waiting() {
+                true => McpCallError::OverBudget { server: self.server.clone() },
+                false => McpCallError::Timeout { server: self.server.clone(), after: timeout },
+            })?
+        })
     }
 
     fn protocol(&self, detail: &str) -> McpCallError {
