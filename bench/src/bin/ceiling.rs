@@ -1,6 +1,13 @@
 //! The broker's ceiling on this machine: a consumer that does only the AMQP part of a job, the
 //! way mcp-worker does it (manual acks, bounded prefetch, the reply published persistent with a
 //! publisher confirm awaited before the ack), and nothing else: no database, no HTTP.
+//!
+//! With `--latencies FILE` it also keeps each job's time from delivery to ack, and on SIGTERM
+//! writes them to FILE (milliseconds, one a line) and exits: the broker's own share of the
+//! worker's `added_ms`, at whatever rate it is fed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use clap::Parser;
 use futures::StreamExt;
@@ -19,6 +26,8 @@ struct Args {
     queue: String,
     #[arg(long, default_value_t = 64)]
     prefetch: u16,
+    #[arg(long)]
+    latencies: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -37,10 +46,19 @@ async fn main() -> anyhow::Result<()> {
     let mut deliveries = consumer_channel
         .basic_consume(args.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     eprintln!("ceiling: consuming {}", args.queue);
-    while let Some(delivery) = deliveries.next().await {
-        let delivery = delivery?;
-        let publisher = publisher.clone();
+    loop {
+        let delivery = tokio::select! {
+            delivery = deliveries.next() => match delivery {
+                Some(delivery) => delivery?,
+                None => break,
+            },
+            _ = terminate.recv() => break,
+        };
+        let started = Instant::now();
+        let (publisher, latencies) = (publisher.clone(), latencies.clone());
         tokio::spawn(async move {
             let Some(reply_to) = delivery.properties.reply_to().clone() else { return };
             let mut properties =
@@ -56,8 +74,13 @@ async fn main() -> anyhow::Result<()> {
                 && confirm.await.is_ok()
             {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
+                latencies.lock().expect("never poisoned").push(started.elapsed().as_secs_f64() * 1000.0);
             }
         });
+    }
+    if let Some(path) = args.latencies {
+        let lines: String = latencies.lock().expect("never poisoned").iter().map(|ms| format!("{ms}\n")).collect();
+        std::fs::write(path, lines)?;
     }
     Ok(())
 }
