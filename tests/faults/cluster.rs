@@ -50,26 +50,39 @@ fn node_of(name: &str) -> usize {
 
 /// `rabbitmqctl -n rabbit<via>@localhost <args> --formatter json`, parsed.
 fn ctl(via: usize, args: &[&str]) -> Vec<Value> {
+    try_ctl(via, args).unwrap_or_else(|error| panic!("rabbitmqctl {args:?}: {error}"))
+}
+
+/// [`ctl`], with its failure as a value: while a member is down, a cluster-wide listing can
+/// fail on the live node too (RabbitMQ 3.10 answers `{badrpc, nodedown}` for the lost member).
+fn try_ctl(via: usize, args: &[&str]) -> Result<Vec<Value>, String> {
     let output = Command::new("rabbitmqctl")
         .args(["-n", &node_name(via), "-q"])
         .args(args)
         .args(["--formatter", "json"])
         .output()
         .expect("rabbitmqctl runs");
-    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap_or_default()
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).unwrap_or_default())
 }
 
 /// The node each worker connection is on (one connection per worker process), asked of `via`.
 fn worker_nodes(via: usize) -> Vec<usize> {
-    let mut nodes: Vec<usize> = ctl(via, &["list_connections", "port", "client_properties"])
+    try_worker_nodes(via).unwrap_or_else(|error| panic!("listing the worker connections: {error}"))
+}
+
+fn try_worker_nodes(via: usize) -> Result<Vec<usize>, String> {
+    let connections = try_ctl(via, &["list_connections", "port", "client_properties"])?;
+    let mut nodes: Vec<usize> = connections
         .iter()
         .filter(|c| c["client_properties"].to_string().contains("\"mcp-worker\""))
         .filter_map(|c| c["port"].as_u64())
         .map(|port| port as usize - 5700)
         .collect();
     nodes.sort_unstable();
-    nodes
+    Ok(nodes)
 }
 
 fn leader_of(queue: &str, via: usize) -> usize {
@@ -93,11 +106,12 @@ pub async fn run_all() {
 }
 
 /// Waits until two worker connections are up again, none on `dead`; returns how long that took.
+/// A listing that fails while `dead` is down counts as "not yet".
 async fn workers_back(dead: usize, since: Instant) -> Duration {
     let via = other_than(dead);
     wait_until("both workers connected again, on live nodes", || async {
-        let nodes = tokio::task::spawn_blocking(move || worker_nodes(via)).await.unwrap();
-        nodes.len() == 2 && !nodes.contains(&dead)
+        let nodes = tokio::task::spawn_blocking(move || try_worker_nodes(via)).await.unwrap();
+        nodes.is_ok_and(|nodes| nodes.len() == 2 && !nodes.contains(&dead))
     })
     .await;
     since.elapsed()
