@@ -95,14 +95,24 @@ fn other_than(node: usize) -> usize {
     if node == 1 { 2 } else { 1 }
 }
 
+/// Stops the cluster when dropped, so a failing fault does not leave three nodes holding the
+/// cluster's ports for the next run (which then cannot start its own).
+struct ClusterUp;
+
+impl Drop for ClusterUp {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/services")).arg("cluster-down").output();
+    }
+}
+
 /// Starts the cluster, runs every fault in turn (the struck node is back before the next), and
-/// stops the cluster.
+/// stops the cluster, also when a fault fails.
 pub async fn run_all() {
+    let _cluster = ClusterUp;
     services(&["cluster-up"]);
     for fault in [Fault::KillJobsLeader, Fault::KillWorkerNode, Fault::StopAppTenSeconds, Fault::KillFirstDeclarer] {
         run(fault).await;
     }
-    services(&["cluster-down"]);
 }
 
 /// Waits until two worker connections are up again, none on `dead`; returns how long that took.
