@@ -99,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let took = started.elapsed();
     shutdown.cancel();
     running.await??;
+    mcp_worker_bench::delete_topology(&all_due, &[]).await?;
     let stats = oauth.stats();
     let times = &stats.refresh_request_times_ms;
     // The most token requests in any one second, and in any one minute.
