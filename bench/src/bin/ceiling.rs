@@ -46,7 +46,8 @@ async fn main() -> anyhow::Result<()> {
     let mut deliveries = consumer_channel
         .basic_consume(args.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    // Kept only when asked for, so the throughput run's ceiling pays no lock per job.
+    let latencies = args.latencies.as_ref().map(|_| Arc::new(Mutex::new(Vec::<f64>::new())));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     eprintln!("ceiling: consuming {}", args.queue);
     loop {
@@ -74,11 +75,13 @@ async fn main() -> anyhow::Result<()> {
                 && confirm.await.is_ok()
             {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
-                latencies.lock().expect("never poisoned").push(started.elapsed().as_secs_f64() * 1000.0);
+                if let Some(latencies) = latencies {
+                    latencies.lock().expect("never poisoned").push(started.elapsed().as_secs_f64() * 1000.0);
+                }
             }
         });
     }
-    if let Some(path) = args.latencies {
+    if let (Some(path), Some(latencies)) = (args.latencies, latencies) {
         let lines: String = latencies.lock().expect("never poisoned").iter().map(|ms| format!("{ms}\n")).collect();
         std::fs::write(path, lines)?;
     }
